@@ -1,0 +1,33 @@
+"""`msnc` command line: `msnc <command> [--config ascend_configs/x.yaml] [--set a.b=c ...]`.
+
+Each command group lives next to its code and registers itself with `add_parser(subparsers)`; a parsed command
+calls `args.func(args)` and returns its exit status.
+"""
+import argparse
+import sys
+
+from ms_nlp_compress.errors import MsncError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msnc", description="Compress and accelerate pre-trained language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from ms_nlp_compress.data import commands as data_commands
+
+    data_commands.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args.func(args)
+    except MsncError as err:
+        print(f"msnc: error: {err}", file=sys.stderr)
+        return 2
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
