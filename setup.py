@@ -13,7 +13,8 @@ setup(
     install_requires=[
         # Tested on 2.9.0 and 2.10.0 (CPU). 2.11 changes PyNative grad semantics: not admitted until tested.
         "mindspore>=2.9,<2.11",
-        "numpy>=1.24",
+        # MindSpore 2.9/2.10 PyNative ops fail under numpy 2.x ("Numpy init failed" in pyboost reshape).
+        "numpy>=1.24,<2",
         "sentencepiece>=0.2",
         "pyyaml>=6.0",
         "tokenizers>=0.15",

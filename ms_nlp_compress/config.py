@@ -1,0 +1,360 @@
+"""Typed configs: dataclasses validated on load, one YAML loader with `base:` inheritance and dotted overrides.
+
+A config file is a YAML mapping whose top-level keys are the fields of `ExperimentConfig` (model, runtime, data,
+...). `base: other.yaml` (a path relative to the file, or a list of them) is merged first, the file's own values on
+top. `--set model.num_layers=4` overrides are applied last; their values are parsed as YAML scalars.
+
+Every error names the key (dotted path) and the file it came from: an unknown key, a wrong type or an impossible
+value never becomes a silent default.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import yaml
+
+from ms_nlp_compress.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config dataclasses
+# ----------------------------------------------------------------------------------------------------------------
+
+HIDDEN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+POSITION_EMBEDDINGS = ("relative", "absolute")
+DEVICES = ("cpu", "ascend", "gpu")
+MODES = ("graph", "pynative")
+PRECISIONS = ("fp32", "O1", "O2", "O3")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class NezhaConfig:
+    """One backbone for NEZHA (relative positions) and plain BERT (absolute positions).
+
+    `head_dim` is independent of hidden_size / num_heads because DynaBERT sub-networks keep full-width heads but
+    fewer of them. `layer_num_heads` and `layer_intermediate_sizes`, when given, set each layer's width on its own
+    (an extracted sub-network has a different number of heads and FFN neurons per layer).
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"  # exact erf GELU, as BERT and NEZHA were trained; gelu_tanh is the fast approximation
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    position_embedding: str = "relative"
+    max_relative_position: int = 64
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    layer_num_heads: Optional[List[int]] = None
+    layer_intermediate_sizes: Optional[List[int]] = None
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size", "max_relative_position"):
+            _check(getattr(self, name) > 0, f"{prefix}.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.head_dim is None:
+            _check(self.hidden_size % self.num_heads == 0, f"{prefix}.num_heads",
+                   f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                   "set head_dim explicitly")
+        else:
+            _check(self.head_dim > 0, f"{prefix}.head_dim", f"must be > 0, got {self.head_dim}")
+        _check(self.hidden_act in HIDDEN_ACTIVATIONS, f"{prefix}.hidden_act",
+               f"must be one of {HIDDEN_ACTIVATIONS}, got {self.hidden_act!r}")
+        _check(self.position_embedding in POSITION_EMBEDDINGS, f"{prefix}.position_embedding",
+               f"must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"{prefix}.{name}", f"must be in [0, 1), got {value}")
+        _check(self.layer_norm_eps > 0, f"{prefix}.layer_norm_eps", f"must be > 0, got {self.layer_norm_eps}")
+        _check(self.initializer_range > 0, f"{prefix}.initializer_range", "must be > 0")
+        _check(0 <= self.pad_token_id < self.vocab_size, f"{prefix}.pad_token_id",
+               f"must be in [0, vocab_size), got {self.pad_token_id}")
+        for name in ("layer_num_heads", "layer_intermediate_sizes"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            _check(len(values) == self.num_layers, f"{prefix}.{name}",
+                   f"has {len(values)} entries but num_layers is {self.num_layers}")
+            _check(all(v > 0 for v in values), f"{prefix}.{name}", f"every entry must be > 0, got {values}")
+
+    @property
+    def attention_head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def heads_of_layer(self, layer: int) -> int:
+        return self.layer_num_heads[layer] if self.layer_num_heads is not None else self.num_heads
+
+    def intermediate_of_layer(self, layer: int) -> int:
+        if self.layer_intermediate_sizes is not None:
+            return self.layer_intermediate_sizes[layer]
+        return self.intermediate_size
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "<dict>") -> "NezhaConfig":
+        config = from_mapping(cls, values, source, "model")
+        _validate_with_source(config, source, "model")
+        return config
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how graphs run. Device is a config value: nothing in the code assumes CPU or Ascend."""
+
+    device: str = "cpu"
+    device_id: int = 0
+    mode: str = "graph"  # graph (compiled) is the default; pynative is for debugging
+    precision: str = "fp32"  # fp32 | O1 | O2 | O3 (mindspore.amp levels; fp32 master weights always)
+    seed: int = 42
+    cpu_threads: Optional[int] = None  # None: MindSpore's default; 1 per rank under msrun on small machines
+    graph_kernel_fusion: bool = False
+    compile_cache_dir: Optional[str] = None
+
+    def validate(self, prefix: str = "runtime") -> None:
+        _check(self.device in DEVICES, f"{prefix}.device", f"must be one of {DEVICES}, got {self.device!r}")
+        _check(self.mode in MODES, f"{prefix}.mode", f"must be one of {MODES}, got {self.mode!r}")
+        _check(self.precision in PRECISIONS, f"{prefix}.precision",
+               f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.device_id >= 0, f"{prefix}.device_id", "must be >= 0")
+        if self.cpu_threads is not None:
+            _check(self.cpu_threads > 0, f"{prefix}.cpu_threads", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """A task's data: its TSV folder (train/dev/test.tsv) and how to tokenize it."""
+
+    task: str = "sst2"
+    data_dir: Optional[str] = None  # None: the demo cache
+    vocab: Optional[str] = None  # vocab.txt (WordPiece) or a .model (SentencePiece); None: the model's own
+    lowercase: bool = True
+    max_length: int = 128
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    skip_malformed: bool = False
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(self.max_length >= 2, f"{prefix}.max_length", f"must be >= 2 ([CLS] and [SEP]), got {self.max_length}")
+        _check(self.batch_size > 0, f"{prefix}.batch_size", "must be > 0")
+        _check(self.eval_batch_size > 0, f"{prefix}.eval_batch_size", "must be > 0")
+
+
+@dataclass
+class ExperimentConfig:
+    """The root of a config file."""
+
+    name: str = "experiment"
+    output_dir: str = "runs/experiment"
+    pretrained: Optional[str] = None  # a model directory or a Hugging Face BERT-format safetensors folder
+    model: NezhaConfig = field(default_factory=NezhaConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        self.model.validate("model")
+        self.runtime.validate("runtime")
+        self.data.validate("data")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic typed construction from mappings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; the only conversions are int -> float and list -> tuple."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return from_mapping(tp, value, source, key)
+    if origin in (list, List, tuple, Tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__} {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(item, inner, f"{key}[{i}]", source) for i, item in enumerate(value)]
+        return tuple(items) if origin in (tuple, Tuple) else items
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported annotation {tp}")
+
+
+def from_mapping(cls: type, values: Dict[str, Any], source: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types (named by dotted key)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(where + k for k in unknown)}; "
+                          f"valid keys of {cls.__name__}: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key, source)
+    return cls(**kwargs)
+
+
+def _validate_with_source(config: Any, source: str, prefix: str = "") -> None:
+    try:
+        if prefix:
+            config.validate(prefix)
+        else:
+            config.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML loading: base inheritance, deep merge, dotted overrides
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path, chain: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: circular `base:` chain: {' -> '.join(str(p) for p in chain + (path,))}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(values).__name__}")
+    bases = values.pop("base", None)
+    if bases is None:
+        return values
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base: expected a path or a list of paths")
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        merged = _deep_merge(merged, _read_yaml(path.parent / base, chain + (path,)))
+    return _deep_merge(merged, values)
+
+
+def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply `a.b.c=value` strings; values are YAML scalars (`4`, `true`, `null`, `[1, 2]`, `relative`)."""
+    values = copy.deepcopy(values)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"--set {override!r}: expected key=value")
+        key, raw = override.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {override!r}: empty key part")
+        try:
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from None
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part} is not a mapping")
+            node = child
+        node[parts[-1]] = parsed
+    return values
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (),
+                cls: type = ExperimentConfig) -> Any:
+    """Load, merge, override, type-check and validate a config. Errors name the key and the file."""
+    source = str(Path(path).resolve()) if path is not None else "<defaults>"
+    values = _read_yaml(Path(path)) if path is not None else {}
+    if overrides:
+        values = apply_overrides(values, overrides)
+        source = f"{source} (with --set {' '.join(overrides)})"
+    config = from_mapping(cls, values, source)
+    _validate_with_source(config, source)
+    return config
+
+
+def config_to_dict(config: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Any, path: Union[str, Path]) -> None:
+    """Write a resolved config (no `base:`), so a run's exact settings are kept with its outputs."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def config_from_json_file(cls: type, path: Union[str, Path]) -> Any:
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read JSON config: {err}") from None
+    config = from_mapping(cls, values, str(path))
+    _validate_with_source(config, str(path))
+    return config

@@ -1,0 +1,40 @@
+"""Apply a RuntimeConfig to MindSpore: device, execution mode, threads, fusion, compile cache, seed.
+
+Device is a config value. Nothing here silently assumes CPU: each CPU-only knob is applied only when the device is
+cpu, and each Ascend-only one only on ascend.
+"""
+from __future__ import annotations
+
+import os
+
+import mindspore as ms
+
+from ms_nlp_compress.config import RuntimeConfig
+
+_DEVICE_TARGETS = {"cpu": "CPU", "ascend": "Ascend", "gpu": "GPU"}
+
+
+def setup_runtime(runtime: RuntimeConfig) -> None:
+    """Set MindSpore's global context from `runtime`. Call once, before any Tensor is created on Ascend."""
+    target = _DEVICE_TARGETS[runtime.device]
+    if hasattr(ms, "set_device"):
+        ms.set_device(target, runtime.device_id)  # 2.9+: set_context(device_target=...) is deprecated
+    else:  # pragma: no cover - older MindSpore
+        ms.set_context(device_target=target, device_id=runtime.device_id)
+    ms.set_context(mode=ms.GRAPH_MODE if runtime.mode == "graph" else ms.PYNATIVE_MODE)
+    if runtime.device == "cpu" and runtime.cpu_threads is not None:
+        set_cpu_threads(runtime.cpu_threads)
+    if runtime.graph_kernel_fusion:
+        ms.set_context(enable_graph_kernel=True)
+    if runtime.compile_cache_dir:
+        os.makedirs(runtime.compile_cache_dir, exist_ok=True)
+        ms.set_context(enable_compile_cache=True, compile_cache_path=runtime.compile_cache_dir)
+    ms.set_seed(runtime.seed)
+
+
+def set_cpu_threads(count: int) -> None:
+    """Set the CPU op thread count (MindSpore's default of 25 oversubscribes small machines)."""
+    try:
+        ms.device_context.cpu.op_tuning.threads_num(count)
+    except (AttributeError, RuntimeError):  # already set in this process, or an older API
+        pass
