@@ -12,9 +12,11 @@ from ms_nlp_compress.errors import MsncError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msnc", description="Compress and accelerate pre-trained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    from ms_nlp_compress import demo
     from ms_nlp_compress.data import commands as data_commands
 
     data_commands.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

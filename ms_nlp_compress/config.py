@@ -160,6 +160,22 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Data parallel over `world_size` ranks, launched by msrun (HCCL on Ascend, MindSpore's CPU collectives here)."""
+
+    world_size: int = 1
+    gradients_mean: bool = True
+    master_port: int = 8118
+    rank_table_file: Optional[str] = None  # passed through to msrun for clusters that need one
+    cluster_timeout: int = 600  # seconds msrun waits for every rank before failing loudly
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _check(self.world_size >= 1, f"{prefix}.world_size", f"must be >= 1, got {self.world_size}")
+        _check(0 < self.master_port < 65536, f"{prefix}.master_port", f"not a port: {self.master_port}")
+        _check(self.cluster_timeout > 0, f"{prefix}.cluster_timeout", "must be > 0")
+
+
+@dataclass
 class ExperimentConfig:
     """The root of a config file."""
 
@@ -169,11 +185,16 @@ class ExperimentConfig:
     model: NezhaConfig = field(default_factory=NezhaConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
         self.runtime.validate("runtime")
         self.data.validate("data")
+        self.parallel.validate("parallel")
+        if self.parallel.world_size > 1 and self.runtime.device == "cpu" and self.runtime.precision != "fp32":
+            raise ConfigError("runtime.precision: mixed precision on CPU gives no speed-up and its collectives "
+                              "reject low-precision types; use fp32 with device cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,6 +215,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
         if value is None and type(None) in args:
             return None
+        options = [option for option in args if option is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error is the precise one
+            return _coerce(value, options[0], key, source)
         errors = []
         for option in args:
             if option is type(None):
