@@ -92,18 +92,10 @@ def test_compute_metrics_per_task():
     assert compute_metrics("mnli-mm", PREDS, LABELS) == {"acc": pytest.approx(0.6)}
 
 
-def test_cross_check_with_scipy_if_installed():
-    stats = pytest.importorskip("scipy.stats")
+def test_cross_check_with_scipy():
+    import scipy.stats as stats  # installed with MindSpore (a dependency of it), never with our package
     rng = np.random.default_rng(1)
     scores, gold = rng.integers(0, 5, 30).astype(float), rng.normal(size=30)
     assert spearman(scores, gold) == pytest.approx(stats.spearmanr(scores, gold)[0])
     assert pearson(scores, gold) == pytest.approx(stats.pearsonr(scores, gold)[0])
     np.testing.assert_allclose(average_ranks(scores), stats.rankdata(scores))
-
-
-def test_cross_check_with_sklearn_if_installed():
-    sk_metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(1)
-    labels, predictions = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
-    assert matthews_corrcoef(predictions, labels) == pytest.approx(sk_metrics.matthews_corrcoef(labels, predictions))
-    assert f1_binary(predictions % 2, labels % 2) == pytest.approx(sk_metrics.f1_score(labels % 2, predictions % 2))
