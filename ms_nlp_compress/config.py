@@ -65,6 +65,9 @@ class NezhaConfig:
     pad_token_id: int = 0
     layer_num_heads: Optional[List[int]] = None
     layer_intermediate_sizes: Optional[List[int]] = None
+    # stateless: counter-hash masks saved with checkpoints (exact resume); native: MindSpore's kernel (faster on
+    # Ascend, resume exact except for dropout masks). See models/dropout.py.
+    dropout_impl: str = "stateless"
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -83,6 +86,8 @@ class NezhaConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"{prefix}.{name}", f"must be in [0, 1), got {value}")
+        _check(self.dropout_impl in ("stateless", "native"), f"{prefix}.dropout_impl",
+               f"must be stateless or native, got {self.dropout_impl!r}")
         _check(self.layer_norm_eps > 0, f"{prefix}.layer_norm_eps", f"must be > 0, got {self.layer_norm_eps}")
         _check(self.initializer_range > 0, f"{prefix}.initializer_range", "must be > 0")
         _check(0 <= self.pad_token_id < self.vocab_size, f"{prefix}.pad_token_id",

@@ -285,7 +285,9 @@ def load_weights(cell: nn.Cell, weights: Dict[str, np.ndarray], strict: bool = T
     """
     weights = _relative_to(cell, weights)
     report = LoadReport(source=source, ignored=list(ignored), unexpected=list(unmapped))
-    params = {name: param for name, param in cell.parameters_and_names()}
+    # Run state (dropout counters) is not a weight: absent from a checkpoint, it keeps its current value.
+    params = {name: param for name, param in cell.parameters_and_names()
+              if not (is_run_state(name) and name not in weights)}
     for name, param in params.items():
         if name not in weights:
             report.missing.append(name)
@@ -302,16 +304,22 @@ def load_weights(cell: nn.Cell, weights: Dict[str, np.ndarray], strict: bool = T
         if name in bad:
             continue
         value = weights[name]
-        if not np.issubdtype(value.dtype, np.floating):
+        if not is_run_state(name) and not np.issubdtype(value.dtype, np.floating):
             raise CheckpointError(f"{source}: tensor {name} has dtype {value.dtype}; expected floating point")
         param.set_data(Tensor(value, dtype=param.dtype))
         report.loaded.append(name)
     return report
 
 
-def cell_weights(cell: nn.Cell) -> Dict[str, np.ndarray]:
-    """A Cell's parameters as named numpy arrays."""
-    return {name: param.asnumpy() for name, param in cell.parameters_and_names()}
+def is_run_state(name: str) -> bool:
+    """Parameters that are training-run state rather than weights (saved in training checkpoints only)."""
+    return name.endswith("rng_counter")
+
+
+def cell_weights(cell: nn.Cell, include_run_state: bool = False) -> Dict[str, np.ndarray]:
+    """A Cell's parameters as named numpy arrays (copies: on CPU `asnumpy` shares the Parameter's memory)."""
+    return {name: param.asnumpy().copy() for name, param in cell.parameters_and_names()
+            if include_run_state or not is_run_state(name)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

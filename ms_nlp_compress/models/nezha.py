@@ -26,6 +26,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, TruncatedNormal, initializer
 
 from ms_nlp_compress.config import NezhaConfig
+from ms_nlp_compress.models.dropout import StatelessDropout
 
 # Masked keys get this additive bias: large enough that softmax gives them ~0 weight, small enough for fp16.
 # The distillation losses rely on it: scores <= -100 are treated as masked.
@@ -62,6 +63,14 @@ def _dense(in_features: int, out_features: int, config: NezhaConfig) -> nn.Dense
                     bias_init="zeros")
 
 
+# Dropout sites: a distinct number per place, so each draws its own masks (see models/dropout.py).
+_EMBEDDING_SITE, _CLASSIFIER_SITE, _SITES_PER_LAYER = 1, 2, 3
+
+
+def _dropout(config: NezhaConfig, p: float, site: int) -> StatelessDropout:
+    return StatelessDropout(p, site, config.dropout_impl)
+
+
 def _layer_norm(config: NezhaConfig, width: int) -> nn.LayerNorm:
     return nn.LayerNorm((width,), epsilon=config.layer_norm_eps)
 
@@ -93,7 +102,7 @@ class NezhaEmbeddings(nn.Cell):
                                                     embedding_table=init)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, embedding_table=init)
         self.layer_norm = _layer_norm(config, config.hidden_size)
-        self.dropout = nn.Dropout(p=config.hidden_dropout)
+        self.dropout = _dropout(config, config.hidden_dropout, _EMBEDDING_SITE)
 
     def construct(self, input_ids, token_type_ids):
         embeddings = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, L, H)
@@ -123,7 +132,7 @@ class RelativePositions(nn.Cell):
 class NezhaSelfAttention(nn.Cell):
     """Multi-head self-attention with optional NEZHA relative terms on keys and values."""
 
-    def __init__(self, config: NezhaConfig, num_heads: int):
+    def __init__(self, config: NezhaConfig, num_heads: int, site: int = 0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = config.attention_head_size
@@ -133,7 +142,7 @@ class NezhaSelfAttention(nn.Cell):
         self.value = _dense(config.hidden_size, width, config)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.relative = config.position_embedding == "relative"
-        self.dropout = nn.Dropout(p=config.attention_dropout)
+        self.dropout = _dropout(config, config.attention_dropout, site)
         self.softmax = nn.Softmax(axis=-1)
 
     def _split_heads(self, x, batch, seq_length):
@@ -171,10 +180,10 @@ class NezhaSelfAttention(nn.Cell):
 class NezhaAttentionOutput(nn.Cell):
     """Projects the heads' context back to H, then dropout, residual and LayerNorm."""
 
-    def __init__(self, config: NezhaConfig, num_heads: int):
+    def __init__(self, config: NezhaConfig, num_heads: int, site: int = 0):
         super().__init__()
         self.dense = _dense(num_heads * config.attention_head_size, config.hidden_size, config)
-        self.dropout = nn.Dropout(p=config.hidden_dropout)
+        self.dropout = _dropout(config, config.hidden_dropout, site)
         self.layer_norm = _layer_norm(config, config.hidden_size)
 
     def construct(self, context, residual):
@@ -182,10 +191,10 @@ class NezhaAttentionOutput(nn.Cell):
 
 
 class NezhaAttention(nn.Cell):
-    def __init__(self, config: NezhaConfig, num_heads: int):
+    def __init__(self, config: NezhaConfig, num_heads: int, site: int = 0):
         super().__init__()
-        self.self_attention = NezhaSelfAttention(config, num_heads)
-        self.output = NezhaAttentionOutput(config, num_heads)
+        self.self_attention = NezhaSelfAttention(config, num_heads, site)
+        self.output = NezhaAttentionOutput(config, num_heads, site + 1)
 
     def construct(self, hidden, attention_bias, relative, head_mask):
         context, scores = self.self_attention(hidden, attention_bias, relative, head_mask)
@@ -195,12 +204,12 @@ class NezhaAttention(nn.Cell):
 class NezhaFeedForward(nn.Cell):
     """H -> I -> H with the configured activation, then dropout, residual and LayerNorm."""
 
-    def __init__(self, config: NezhaConfig, intermediate_size: int):
+    def __init__(self, config: NezhaConfig, intermediate_size: int, site: int = 0):
         super().__init__()
         self.intermediate = _dense(config.hidden_size, intermediate_size, config)
         self.activation = Activation(config.hidden_act)
         self.output = _dense(intermediate_size, config.hidden_size, config)
-        self.dropout = nn.Dropout(p=config.hidden_dropout)
+        self.dropout = _dropout(config, config.hidden_dropout, site)
         self.layer_norm = _layer_norm(config, config.hidden_size)
 
     def construct(self, hidden):
@@ -209,11 +218,11 @@ class NezhaFeedForward(nn.Cell):
 
 
 class NezhaLayer(nn.Cell):
-    def __init__(self, config: NezhaConfig, num_heads: int, intermediate_size: int):
+    def __init__(self, config: NezhaConfig, num_heads: int, intermediate_size: int, site: int = 0):
         super().__init__()
         self.num_heads = num_heads
-        self.attention = NezhaAttention(config, num_heads)
-        self.ffn = NezhaFeedForward(config, intermediate_size)
+        self.attention = NezhaAttention(config, num_heads, site)
+        self.ffn = NezhaFeedForward(config, intermediate_size, site + 2)
 
     def construct(self, hidden, attention_bias, relative, head_mask):
         attended, scores = self.attention(hidden, attention_bias, relative, head_mask)
@@ -224,7 +233,8 @@ class NezhaEncoder(nn.Cell):
     def __init__(self, config: NezhaConfig, output_hidden_states: bool = False, output_attentions: bool = False):
         super().__init__()
         self.layers = nn.CellList([
-            NezhaLayer(config, config.heads_of_layer(i), config.intermediate_of_layer(i))
+            NezhaLayer(config, config.heads_of_layer(i), config.intermediate_of_layer(i),
+                       site=10 + _SITES_PER_LAYER * i)
             for i in range(config.num_layers)
         ])
         self.layer_heads = tuple(config.heads_of_layer(i) for i in range(config.num_layers))
@@ -316,7 +326,7 @@ class NezhaForSequenceClassification(nn.Cell):
         self.bert = NezhaModel(config, add_pooler=True, output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions)
         rate = config.hidden_dropout if classifier_dropout is None else classifier_dropout
-        self.dropout = nn.Dropout(p=rate)
+        self.dropout = _dropout(config, rate, _CLASSIFIER_SITE)
         self.classifier = _dense(config.hidden_size, num_labels, config)
 
     def construct(self, input_ids, attention_mask=None, token_type_ids=None, head_mask=None):
