@@ -17,7 +17,8 @@ Conventions shared by all quantizers:
   with `validate_finite(name, array)` before data enters a graph (checkpoint load, export, tests). A NaN that slips
   through propagates into the output instead of raising.
 - Overflow. Statistics avoid squaring the raw input (the std in the gradient quantizer is computed on the input
-  divided by its max), so magnitudes up to ~1e36 in float32 quantize correctly.
+  divided by its max), so huge magnitudes (1e30 is tested) quantize correctly as long as a group's sum of magnitudes
+  stays below the float32 maximum (3.4e38).
 """
 from __future__ import annotations
 
