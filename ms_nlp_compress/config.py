@@ -165,6 +165,58 @@ class DataConfig:
 
 
 @dataclass
+class TrainConfig:
+    """The optimisation loop: optimizer, schedule, loss scaling, clipping, accumulation, evaluation, checkpoints."""
+
+    optimizer: str = "adamw"  # adamw | lamb
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    adam_epsilon: float = 1e-6
+    schedule: str = "linear"  # constant | linear | cosine | polynomial
+    warmup_ratio: float = 0.1
+    epochs: float = 3.0
+    max_steps: Optional[int] = None  # overrides epochs when set
+    gradient_accumulation: int = 1
+    max_grad_norm: Optional[float] = 1.0  # global-norm clipping; null disables
+    loss_scale: str = "auto"  # auto (dynamic with O1-O3, none with fp32) | dynamic | static | none
+    loss_scale_value: float = 65536.0
+    loss_scale_factor: float = 2.0
+    loss_scale_window: int = 1000
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch
+    save_every: int = 0  # optimizer steps between checkpoints; 0: at the end of each epoch
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    padding: str = "max_length"  # max_length (one static shape) | dynamic (pad per batch, one dynamic graph)
+
+    def validate(self, prefix: str = "train") -> None:
+        _check(self.optimizer in ("adamw", "lamb"), f"{prefix}.optimizer",
+               f"must be adamw or lamb, got {self.optimizer!r}")
+        _check(self.learning_rate > 0, f"{prefix}.learning_rate", "must be > 0")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _check(self.adam_epsilon > 0, f"{prefix}.adam_epsilon", "must be > 0")
+        _check(self.schedule in ("constant", "linear", "cosine", "polynomial"), f"{prefix}.schedule",
+               f"unknown schedule {self.schedule!r}")
+        _check(0.0 <= self.warmup_ratio < 1.0, f"{prefix}.warmup_ratio", "must be in [0, 1)")
+        _check(self.epochs > 0, f"{prefix}.epochs", "must be > 0")
+        if self.max_steps is not None:
+            _check(self.max_steps > 0, f"{prefix}.max_steps", "must be > 0")
+        _check(self.gradient_accumulation >= 1, f"{prefix}.gradient_accumulation", "must be >= 1")
+        if self.max_grad_norm is not None:
+            _check(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", "must be > 0 (null disables clipping)")
+        _check(self.loss_scale in ("auto", "dynamic", "static", "none"), f"{prefix}.loss_scale",
+               f"must be auto, dynamic, static or none, got {self.loss_scale!r}")
+        _check(self.loss_scale_value >= 1, f"{prefix}.loss_scale_value", "must be >= 1")
+        _check(self.loss_scale_factor > 1, f"{prefix}.loss_scale_factor", "must be > 1")
+        _check(self.loss_scale_window >= 1, f"{prefix}.loss_scale_window", "must be >= 1")
+        for name in ("eval_every", "save_every"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _check(self.padding in ("max_length", "dynamic"), f"{prefix}.padding",
+               f"must be max_length or dynamic, got {self.padding!r}")
+
+
+@dataclass
 class ParallelConfig:
     """Data parallel over `world_size` ranks, launched by msrun (HCCL on Ascend, MindSpore's CPU collectives here)."""
 
@@ -191,9 +243,11 @@ class ExperimentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
+        self.train.validate("train")
         self.runtime.validate("runtime")
         self.data.validate("data")
         self.parallel.validate("parallel")

@@ -1,0 +1,123 @@
+"""Training checkpoints: weights (with run state such as dropout counters), optimizer state, and trainer state.
+
+Each checkpoint is a directory written under a temporary name and renamed into place, and `LATEST` is replaced
+atomically afterwards, so a run killed at any instant (kill -9 included) leaves either the previous complete
+checkpoint or the new one, never a torn mixture.
+
+    checkpoints/step-000120/model.safetensors      every model Parameter, including run state
+    checkpoints/step-000120/optimizer.safetensors  moments, step counter, accumulation buffers
+    checkpoints/step-000120/state.json             epoch, batch position, update count, loss scale, best metric
+    checkpoints/LATEST                             the name of the newest complete checkpoint
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from mindspore import Tensor, nn
+
+from ms_nlp_compress.errors import CheckpointError
+from ms_nlp_compress.models.checkpoint import read_safetensors, write_safetensors
+
+LATEST = "LATEST"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def named_state(cells: Sequence[nn.Cell], exclude: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+    excluded = set(exclude)
+    state = {}
+    for cell in cells:
+        for name, param in cell.parameters_and_names():
+            if name not in excluded and name not in state:
+                state[name] = param.asnumpy().copy()
+    return state
+
+
+def restore_state(cells: Sequence[nn.Cell], values: Dict[str, np.ndarray], source: str,
+                  exclude: Sequence[str] = ()) -> None:
+    """Set every Parameter of `cells` from `values`; any absent or mis-shaped tensor is an error naming it."""
+    excluded = set(exclude)
+    params = {}
+    for cell in cells:
+        for name, param in cell.parameters_and_names():
+            if name not in excluded:
+                params.setdefault(name, param)
+    problems = [f"missing: {name}" for name in params if name not in values]
+    problems += [f"shape mismatch: {name}: checkpoint {values[name].shape} vs run {tuple(param.shape)}"
+                 for name, param in params.items() if name in values and values[name].shape != tuple(param.shape)]
+    problems += [f"unexpected: {name}" for name in values if name not in params]
+    if problems:
+        raise CheckpointError(f"{source}: does not match this run (did the config change?):\n  "
+                              + "\n  ".join(problems))
+    for name, param in params.items():
+        param.set_data(Tensor(values[name], dtype=param.dtype))
+
+
+def save_checkpoint(root: Path, name: str, model: nn.Cell, optimizer_cells: Sequence[nn.Cell], state: Dict,
+                    keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    staging = root / f".partial-{name}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    model_names = [n for n, _ in model.parameters_and_names()]
+    write_safetensors(named_state([model]), staging / "model.safetensors")
+    write_safetensors(named_state(optimizer_cells, exclude=model_names), staging / "optimizer.safetensors")
+    (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    _fsync_dir(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    pointer = root / (LATEST + ".tmp")
+    pointer.write_text(name, encoding="utf-8")
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    latest = (root / LATEST).read_text(encoding="utf-8").strip()
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in complete[:-keep]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+    for partial in root.glob(".partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text(encoding="utf-8").strip()
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{pointer}: names {path.name}, which is incomplete or missing")
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Cell, optimizer_cells: Sequence[nn.Cell]) -> Dict:
+    restore_state([model], read_safetensors(path / "model.safetensors"), str(path / "model.safetensors"))
+    model_names = [n for n, _ in model.parameters_and_names()]
+    restore_state(optimizer_cells, read_safetensors(path / "optimizer.safetensors"),
+                  str(path / "optimizer.safetensors"), exclude=model_names)
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / 'state.json'}: {err}") from None

@@ -1,0 +1,276 @@
+"""Fine-tuning, evaluation and prediction for sentence(-pair) classification and regression tasks.
+
+Paths in configs may start with `cache:` to name the demo cache (`cache:minilm`, `cache:vader/sst2`), so one config
+works on every machine whatever its cache location.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ms_nlp_compress import paths
+from ms_nlp_compress.config import ExperimentConfig, NezhaConfig, dump_config
+from ms_nlp_compress.errors import ConfigError, DataError, MsncError
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def resolve_path(value: Optional[str]) -> Optional[Path]:
+    if value is None:
+        return None
+    if value.startswith("cache:"):
+        return paths.cache_dir() / value[len("cache:"):]
+    return Path(value)
+
+
+def load_tokenizer_for(config: ExperimentConfig, model_dir: Optional[Path]):
+    from ms_nlp_compress.data.tokenization import load_tokenizer
+
+    vocab = resolve_path(config.data.vocab)
+    if vocab is None and model_dir is not None:
+        for name in ("vocab.txt", "spm.model"):
+            if (model_dir / name).is_file():
+                vocab = model_dir / name
+                break
+    if vocab is None:
+        raise ConfigError("data.vocab: no vocabulary given and the pretrained model has no vocab.txt / spm.model")
+    lowercase = config.data.lowercase if vocab.suffix == ".model" else None
+    return load_tokenizer(vocab, lowercase=lowercase, max_length=config.data.max_length)
+
+
+def read_split(config: ExperimentConfig, split: str):
+    from ms_nlp_compress.data.glue import get_task
+
+    task = get_task(config.data.task)
+    data_dir = resolve_path(config.data.data_dir)
+    if data_dir is None:
+        raise ConfigError("data.data_dir: not set")
+    names = {"train": ("train.tsv",), "dev": task.dev_files, "test": ("test.tsv",)}[split]
+    path = data_dir / names[0]
+    if not path.is_file():
+        raise DataError(f"{path}: {split} file not found for task {task.name}")
+    return task, task.reader(path, skip_malformed=config.data.skip_malformed)
+
+
+def encode(examples, tokenizer, max_length: int, regression: bool) -> Dict[str, np.ndarray]:
+    from ms_nlp_compress.data.mindrecord import encode_examples
+
+    columns = encode_examples(examples, tokenizer, max_length, is_regression=regression)
+    return {name: columns[name] for name in MODEL_INPUTS + ("label",)}
+
+
+def model_config_for(config: ExperimentConfig, pretrained: Optional[Path]) -> NezhaConfig:
+    from ms_nlp_compress.models.checkpoint import pretrained_config
+
+    if pretrained is None:
+        return config.model
+    model_config = pretrained_config(pretrained)
+    model_config.dropout_impl = config.model.dropout_impl
+    return model_config
+
+
+def build_classifier(config: ExperimentConfig, num_labels: int):
+    """The task model, its backbone initialised from `config.pretrained` (a model dir or a HF folder) if set."""
+    from ms_nlp_compress.models.checkpoint import is_model_dir, load_pretrained, read_model_dir
+    from ms_nlp_compress.models.nezha import NezhaForSequenceClassification
+
+    pretrained = resolve_path(config.pretrained)
+    model_config = model_config_for(config, pretrained)
+    model = NezhaForSequenceClassification(model_config, num_labels)
+    if pretrained is not None:
+        if is_model_dir(pretrained) and read_model_dir(pretrained)[0].get("architecture") == type(model).__name__:
+            load_pretrained(model, pretrained)  # continue from a fine-tuned model: heads included
+        else:
+            load_pretrained(model.bert, pretrained)  # a backbone: the classifier starts fresh
+    return model, model_config, pretrained
+
+
+def predict_logits(model: nn.Cell, columns: Dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """Logits for every row (the last partial batch included), each batch trimmed to its longest row."""
+    model.set_train(False)
+    dynamic = Tensor(shape=[None, None], dtype=ms.int32)
+    model.set_inputs(dynamic, dynamic, dynamic)
+    outputs = []
+    size = len(columns["input_ids"])
+    for start in range(0, size, batch_size):
+        stop = min(start + batch_size, size)
+        length = max(int(columns["attention_mask"][start:stop].sum(1).max()), 1)
+        inputs = [Tensor(np.ascontiguousarray(columns[name][start:stop, :length])) for name in MODEL_INPUTS]
+        outputs.append(model(*inputs)[0].asnumpy())
+    return np.concatenate(outputs)
+
+
+def evaluate_classifier(model: nn.Cell, columns: Dict[str, np.ndarray], task, batch_size: int) -> Dict[str, float]:
+    from ms_nlp_compress.train.metrics import compute_metrics
+
+    logits = predict_logits(model, columns, batch_size)
+    labels = columns["label"]
+    keep = ~np.isnan(labels) if task.is_regression else labels >= 0
+    predictions = logits[:, 0] if task.is_regression else logits.argmax(-1)
+    metrics = compute_metrics(task.name, predictions[keep], labels[keep])
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def selection_metric(task) -> str:
+    return {"accuracy": "acc", "accuracy_and_f1": "acc_and_f1", "matthews_corrcoef": "mcc",
+            "pearson_and_spearman": "corr"}.get(task.metric, "acc")
+
+
+def run_finetune(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
+    """Fine-tune, keep the best dev model in `output_dir/best`, report dev and test metrics of that model."""
+    from ms_nlp_compress.models.checkpoint import load_model_dir, save_model_dir
+    from ms_nlp_compress.models.dropout import set_dropout_seed
+    from ms_nlp_compress.parallel.setup import init_data_parallel
+    from ms_nlp_compress.runtime import setup_runtime
+    from ms_nlp_compress.train.batches import ArrayBatches
+    from ms_nlp_compress.train.losses import SequenceClassificationLoss
+    from ms_nlp_compress.train.trainer import Trainer
+
+    setup_runtime(config.runtime)
+    rank, world_size = init_data_parallel(config.parallel, config.runtime)
+    set_dropout_seed(config.runtime.seed + rank)
+    output_dir = Path(config.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, output_dir / "config.yaml")
+    task, train_examples = read_split(config, "train")
+    _, dev_examples = read_split(config, "dev")
+    model, model_config, pretrained = build_classifier(config, task.num_labels)
+    tokenizer = load_tokenizer_for(config, pretrained)
+    started = time.perf_counter()
+    train_columns = encode(train_examples, tokenizer, config.data.max_length, task.is_regression)
+    dev_columns = encode(dev_examples, tokenizer, config.data.max_length, task.is_regression)
+    log(f"{task.name}: {len(train_examples)} train / {len(dev_examples)} dev examples, "
+        f"tokenized in {time.perf_counter() - started:.1f} s")
+    batches = ArrayBatches(train_columns, MODEL_INPUTS + ("label",), config.data.batch_size, shuffle=True,
+                           seed=config.runtime.seed, rank=rank, world_size=world_size,
+                           dynamic_padding=config.train.padding == "dynamic")
+    metric = selection_metric(task)
+    best_dir = output_dir / "best"
+    tokenizer_dir = Path(tokenizer.vocab_path).parent if getattr(tokenizer, "vocab_path", None) else None
+
+    def on_best(metrics, update):
+        save_model_dir(model, best_dir, model_config, tokenizer_dir=tokenizer_dir,
+                       meta={"task": task.name, "labels": list(task.labels) if task.labels else None,
+                             "max_length": config.data.max_length, "dev_metrics": metrics, "update": update})
+
+    trainer = Trainer(config, model, SequenceClassificationLoss(model), batches, output_dir,
+                      evaluate=lambda: evaluate_classifier(model, dev_columns, task, config.data.eval_batch_size),
+                      metric=metric, on_best=on_best, rank=rank, world_size=world_size, log=log)
+    log(f"training {trainer.updates_total} updates ({len(batches)} batches/epoch, batch {config.data.batch_size} "
+        f"x {world_size} rank(s), accumulation {config.train.gradient_accumulation})")
+    result = trainer.fit(resume=resume)
+    report = {"task": task.name, "updates": result.updates, "train_seconds": result.seconds,
+              "best_update": result.best_step, "metric": metric, "dev": result.last_eval,
+              "skipped_updates": result.skipped_updates, "resumed_from": result.resumed_from}
+    if rank == 0 and best_dir.is_dir():
+        best, _ = load_model_dir(best_dir)
+        report["best_dev"] = evaluate_classifier(best, dev_columns, task, config.data.eval_batch_size)
+        data_dir = resolve_path(config.data.data_dir)
+        if (data_dir / "test.tsv").is_file():
+            test_examples = task.reader(data_dir / "test.tsv", skip_malformed=config.data.skip_malformed)
+            if test_examples and test_examples[0].label is not None:
+                test_columns = encode(test_examples, tokenizer, config.data.max_length, task.is_regression)
+                report["test"] = evaluate_classifier(best, test_columns, task, config.data.eval_batch_size)
+        (output_dir / "results.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def load_for_inference(model_dir: Path):
+    from ms_nlp_compress.data.tokenization import load_tokenizer
+    from ms_nlp_compress.models.checkpoint import load_model_dir
+
+    model, document = load_model_dir(model_dir)
+    vocab = next((model_dir / n for n in ("vocab.txt", "spm.model") if (model_dir / n).is_file()), None)
+    if vocab is None:
+        raise MsncError(f"{model_dir}: no vocab.txt or spm.model saved with the model")
+    tokenizer = load_tokenizer(vocab, max_length=document.get("max_length", 128))
+    return model, document, tokenizer
+
+
+def run_eval(model_dir: Path, task_name: str, tsv: Path, batch_size: int = 64, skip_malformed: bool = False) -> Dict:
+    from ms_nlp_compress.data.glue import get_task
+
+    model, document, tokenizer = load_for_inference(model_dir)
+    task = get_task(task_name or document.get("task", ""))
+    examples = task.reader(tsv, skip_malformed=skip_malformed)
+    columns = encode(examples, tokenizer, document.get("max_length", 128), task.is_regression)
+    return evaluate_classifier(model, columns, task, batch_size)
+
+
+def run_predict(model_dir: Path, lines: Sequence[str], batch_size: int = 64) -> List[str]:
+    """One output line per input line: `label<TAB>probability` or the regression score.
+
+    An input line is a text, or `text_a<TAB>text_b` for pair tasks.
+    """
+    from ms_nlp_compress.inference import run_batched
+
+    model, document, tokenizer = load_for_inference(model_dir)
+    texts, pairs = [], []
+    for number, line in enumerate(lines, 1):
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) > 2:
+            raise DataError(f"input line {number}: expected text or text_a<TAB>text_b, got {len(fields)} fields")
+        texts.append(fields[0])
+        pairs.append(fields[1] if len(fields) == 2 else None)
+    logits = run_batched(model, tokenizer, texts, pairs if any(p is not None for p in pairs) else None,
+                         batch_size=batch_size, max_length=document.get("max_length", 128))
+    labels = document.get("labels")
+    if not labels:
+        return [f"{row[0]:.6f}" for row in logits]
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities = shifted / shifted.sum(-1, keepdims=True)
+    return [f"{labels[int(row.argmax())]}\t{row.max():.6f}" for row in probabilities]
+
+
+def add_parsers(subparsers) -> None:
+    from ms_nlp_compress.config import load_config
+
+    parser = subparsers.add_parser("finetune", help="fine-tune a classifier / regressor on a GLUE-format task")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in output_dir")
+
+    def finetune(args):
+        report = run_finetune(load_config(args.config, args.overrides), resume=not args.no_resume)
+        print(json.dumps(report, indent=2))
+        return 0
+
+    parser.set_defaults(func=finetune)
+
+    parser = subparsers.add_parser("eval", help="evaluate a saved model directory on a labelled TSV")
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--input", required=True, type=Path)
+    parser.add_argument("--task", default="")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--skip-malformed", action="store_true")
+    parser.set_defaults(func=lambda args: print(json.dumps(run_eval(
+        args.model, args.task, args.input, args.batch_size, args.skip_malformed), indent=2)) or 0)
+
+    parser = subparsers.add_parser("predict", help="label texts (one per line, or text_a<TAB>text_b) from a file "
+                                                   "or stdin")
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--input", default="-", help="a text file, or - for stdin")
+    parser.add_argument("--batch-size", type=int, default=64)
+
+    def predict(args):
+        if args.input == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            path = Path(args.input)
+            if not path.is_file():
+                raise DataError(f"{path}: input file not found")
+            lines = path.read_text(encoding="utf-8").splitlines()
+        for line in run_predict(args.model, [line for line in lines if line.strip()], args.batch_size):
+            print(line)
+        return 0
+
+    parser.set_defaults(func=predict)

@@ -1,0 +1,254 @@
+"""The compiled train step: value_and_grad of a pluggable loss Cell, loss scaling with overflow skip, gradient
+reduction across data-parallel ranks, gradient accumulation, global-norm clipping, then the optimizer.
+
+Why not `nn.TrainOneStepWithLossScaleCell`: it does not compile on CPU (its overflow check emits the NPU float-status
+op) and its state is not ours to checkpoint. This step runs unchanged on CPU and Ascend:
+
+    grads graph  (one jit):  scaled loss -> grads -> [all-reduce mean] -> unscale -> all_finite -> [clip]
+    optimizer    (its own jit, called from Python when the gradients are finite)
+
+Keeping the optimizer out of the gradient graph is the fastest pattern measured (mindspore.md recipe 1). The
+loss-scale state lives on the host (a float and a counter), so it is trivially saved with a checkpoint and the
+skip decision is the same on every rank (the flag is computed after the all-reduce).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import ParameterTuple, Tensor, nn, ops
+
+from ms_nlp_compress.errors import ConfigError
+
+
+class LossScaler:
+    """Host-side loss scale: `none` (1.0), `static`, or `dynamic` (halve on overflow, grow after a clean window).
+
+    Overflowing steps are skipped in every mode except `none`, where a non-finite gradient is an error: with fp32
+    and no scaling it means the run diverged, and silently skipping would hide that.
+    """
+
+    def __init__(self, mode: str = "none", value: float = 65536.0, factor: float = 2.0, window: int = 1000):
+        if mode not in ("none", "static", "dynamic"):
+            raise ConfigError(f"train.loss_scale: unknown mode {mode!r}")
+        self.mode = mode
+        self.scale = 1.0 if mode == "none" else float(value)
+        self.factor = float(factor)
+        self.window = int(window)
+        self.good_steps = 0
+        self.skipped_steps = 0
+
+    def update(self, finite: bool) -> None:
+        if not finite:
+            self.skipped_steps += 1
+            self.good_steps = 0
+            if self.mode == "dynamic":
+                self.scale = max(self.scale / self.factor, 1.0)
+            return
+        self.good_steps += 1
+        if self.mode == "dynamic" and self.good_steps >= self.window:
+            self.scale *= self.factor
+            self.good_steps = 0
+
+    def state_dict(self) -> Dict:
+        return {"mode": self.mode, "scale": self.scale, "good_steps": self.good_steps,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state.get("mode") != self.mode:
+            raise ConfigError(f"checkpoint loss-scale mode {state.get('mode')!r} differs from the config's "
+                              f"{self.mode!r}")
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+def resolve_loss_scale_mode(configured: str, precision: str) -> str:
+    if configured == "auto":
+        return "none" if precision == "fp32" else "dynamic"
+    return configured
+
+
+class _ScaledLoss(nn.Cell):
+    def __init__(self, loss_cell: nn.Cell):
+        super().__init__(auto_prefix=False)
+        self.loss_cell = loss_cell
+
+    def construct(self, scale, *inputs):
+        return self.loss_cell(*inputs).astype(ms.float32) * scale
+
+
+def _global_norm(grads):
+    squares = ()
+    for grad in grads:
+        squares = squares + (ops.reduce_sum(ops.square(grad.astype(ms.float32))),)
+    return ops.sqrt(ops.addn(squares))
+
+
+def _clip(grads, norm, max_norm: float):
+    """Scale all gradients by min(1, max_norm / norm): the global-norm clipping of BERT and LAMB recipes."""
+    factor = ops.minimum(max_norm / (norm + 1e-6), 1.0)
+    clipped = ()
+    for grad in grads:
+        clipped = clipped + (grad * factor.astype(grad.dtype),)
+    return clipped
+
+
+class GradientCell(nn.Cell):
+    """Compiled: (loss, gradients, finite flag, global norm) for one micro-batch.
+
+    With `finalize=True` the gradients are also reduced across ranks, unscaled, checked and clipped; with
+    accumulation the micro-batches skip that and `AccumulationCell` finalizes the sum once per update.
+    """
+
+    def __init__(self, loss_cell: nn.Cell, weights: ParameterTuple, reducer: Optional[nn.Cell],
+                 max_grad_norm: Optional[float], finalize: bool = True):
+        super().__init__(auto_prefix=False)
+        self.scaled_loss = _ScaledLoss(loss_cell)
+        self.weights = weights
+        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, weights)
+        self.reducer = reducer
+        self.max_grad_norm = max_grad_norm
+        self.finalize = finalize
+
+    def construct(self, scale, *inputs):
+        scaled_loss, grads = self.grad_fn(scale, *inputs)
+        loss = scaled_loss / scale
+        if not self.finalize:
+            return loss, grads, Tensor(True, ms.bool_), Tensor(0.0, ms.float32)
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+        inverse = 1.0 / scale
+        unscaled = ()
+        for grad in grads:
+            unscaled = unscaled + (grad * inverse.astype(grad.dtype),)
+        finite = ms.amp.all_finite(unscaled)
+        norm = _global_norm(unscaled)
+        if self.max_grad_norm is not None:
+            unscaled = _clip(unscaled, norm, self.max_grad_norm)
+        return loss, unscaled, finite, norm
+
+
+class AccumulationCell(nn.Cell):
+    """Sums micro-batch gradients in buffers; `finalize` averages, reduces, unscales, checks and clips them."""
+
+    def __init__(self, weights: ParameterTuple, steps: int, reducer: Optional[nn.Cell],
+                 max_grad_norm: Optional[float]):
+        super().__init__(auto_prefix=False)
+        self.buffers = weights.clone(prefix="grad_accumulation", init="zeros")
+        self.steps = steps
+        self.reducer = reducer
+        self.max_grad_norm = max_grad_norm
+        self.hyper_map = ops.HyperMap()
+
+    @ms.jit
+    def add(self, grads):
+        return self.hyper_map(ops.assign_add, self.buffers, grads)
+
+    @ms.jit
+    def finalize(self, scale):
+        grads = ()
+        for buffer in self.buffers:
+            grads = grads + (buffer / self.steps,)
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+        inverse = 1.0 / scale
+        unscaled = ()
+        for grad in grads:
+            unscaled = unscaled + (grad * inverse.astype(grad.dtype),)
+        finite = ms.amp.all_finite(unscaled)
+        norm = _global_norm(unscaled)
+        if self.max_grad_norm is not None:
+            unscaled = _clip(unscaled, norm, self.max_grad_norm)
+        return unscaled, finite, norm
+
+    @ms.jit
+    def reset(self):
+        done = ()
+        for buffer in self.buffers:
+            done = done + (ops.assign(buffer, ops.zeros_like(buffer)),)
+        return done
+
+
+@dataclass
+class StepResult:
+    loss: float
+    applied: bool  # an optimizer update happened (last micro-batch of an accumulation cycle, finite grads)
+    boundary: bool  # the micro-batch closed an accumulation cycle (applied or skipped)
+    grad_norm: Optional[float]
+    loss_scale: float
+
+
+class TrainStep:
+    """Call with one micro-batch (input tensors in the loss cell's order); updates every `accumulation` calls.
+
+    Args:
+        loss_cell: Cell mapping the batch tensors to a scalar loss (fine-tuning, MLM, distillation, ...).
+        optimizer: an `nn.Optimizer` over the weights to train (its `parameters` are differentiated).
+        scaler: the LossScaler.
+        accumulation: micro-batches per update; the update uses their mean gradient.
+        max_grad_norm: global-norm clip, or None.
+        reducer: `nn.DistributedGradReducer` for data parallel (mean over ranks), or None.
+    """
+
+    def __init__(self, loss_cell: nn.Cell, optimizer: nn.Optimizer, scaler: Optional[LossScaler] = None,
+                 accumulation: int = 1, max_grad_norm: Optional[float] = 1.0, reducer: Optional[nn.Cell] = None):
+        if accumulation < 1:
+            raise ConfigError(f"train.gradient_accumulation must be >= 1, got {accumulation}")
+        self.loss_cell = loss_cell
+        self.optimizer = optimizer
+        self.scaler = scaler or LossScaler("none")
+        self.accumulation = accumulation
+        self.weights = ParameterTuple(optimizer.parameters)
+        self.gradient_cell = GradientCell(loss_cell, self.weights, reducer, max_grad_norm,
+                                          finalize=accumulation == 1)
+        self.accumulator = (AccumulationCell(self.weights, accumulation, reducer, max_grad_norm)
+                            if accumulation > 1 else None)
+        self.micro_step = 0  # position inside the accumulation cycle
+
+    def set_train(self, mode: bool = True) -> None:
+        self.loss_cell.set_train(mode)
+
+    def set_dynamic_inputs(self, input_specs: Sequence[Tensor]) -> None:
+        """Declare dynamic input shapes (e.g. Tensor(shape=[None, None], dtype=ms.int32)): one compile for all."""
+        self.gradient_cell.set_inputs(Tensor(shape=[], dtype=ms.float32), *input_specs)
+
+    def __call__(self, *inputs) -> StepResult:
+        scale = Tensor(self.scaler.scale, ms.float32)
+        loss, grads, finite, norm = self.gradient_cell(scale, *inputs)
+        if self.accumulator is not None:
+            self.accumulator.add(grads)
+            self.micro_step += 1
+            if self.micro_step < self.accumulation:
+                return StepResult(float(loss.asnumpy()), False, False, None, self.scaler.scale)
+            grads, finite, norm = self.accumulator.finalize(scale)
+        self.micro_step = 0
+        is_finite = bool(finite.asnumpy())
+        if not is_finite and self.scaler.mode == "none":
+            if self.accumulator is not None:
+                self.accumulator.reset()
+            raise FloatingPointError("non-finite gradients without loss scaling: the run diverged (lower the "
+                                     "learning rate, or enable train.loss_scale for mixed precision)")
+        if is_finite:
+            self.optimizer(grads)
+        if self.accumulator is not None:
+            self.accumulator.reset()
+        self.scaler.update(is_finite)
+        return StepResult(float(loss.asnumpy()), is_finite, True, float(norm.asnumpy()), self.scaler.scale)
+
+
+def make_reducer(weights: Sequence, world_size: int, mean: bool = True) -> Optional[nn.Cell]:
+    """An explicit DistributedGradReducer (works with or without the deprecated auto-parallel context)."""
+    if world_size <= 1:
+        return None
+    return nn.DistributedGradReducer(ParameterTuple(weights), mean=mean, degree=world_size)
+
+
+def gradients_of(loss_cell: nn.Cell, weights: Sequence, *inputs) -> Sequence[np.ndarray]:
+    """Plain gradients (PyNative-friendly) for tests and diagnostics."""
+    grad_fn = ms.value_and_grad(loss_cell, None, ParameterTuple(weights))
+    _, grads = grad_fn(*inputs)
+    return [g.asnumpy() for g in grads]

@@ -1,0 +1,214 @@
+"""The trainer: epochs or steps over resumable batches, periodic evaluation, best-model selection, atomic
+checkpoints, a progress bar and a JSONL metrics log.
+
+Any loss plugs in: the trainer differentiates `loss_cell(*batch)` for the weights of `trainable`. Fine-tuning passes
+a classification loss; distillation will pass a Cell holding teacher and student (only the student trainable).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ms_nlp_compress.config import ExperimentConfig, TrainConfig
+from ms_nlp_compress.train.batches import ArrayBatches
+from ms_nlp_compress.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ms_nlp_compress.train.optim import build_optimizer
+from ms_nlp_compress.train.schedules import WarmupSchedule
+from ms_nlp_compress.train.step import LossScaler, TrainStep, make_reducer, resolve_loss_scale_mode
+
+
+@dataclass
+class TrainResult:
+    updates: int
+    epochs_seen: int
+    best_metric: Optional[float]
+    best_step: Optional[int]
+    last_eval: Dict[str, float]
+    seconds: float
+    skipped_updates: int
+    resumed_from: Optional[str]
+
+
+def _dynamic_spec(column: np.ndarray) -> Tensor:
+    """A shape-free input declaration for one batch column (first two axes dynamic)."""
+    dtype = {np.dtype(np.int32): ms.int32, np.dtype(np.float32): ms.float32}.get(column.dtype)
+    if dtype is None:
+        raise TypeError(f"batch column dtype {column.dtype} is not int32 or float32")
+    return Tensor(shape=[None] * min(column.ndim, 2) + list(column.shape[2:]), dtype=dtype)
+
+
+def total_updates(train: TrainConfig, batches_per_epoch: int) -> int:
+    if train.max_steps is not None:
+        return train.max_steps
+    return max(1, math.ceil(train.epochs * batches_per_epoch / train.gradient_accumulation))
+
+
+class Trainer:
+    """Args:
+        config: the experiment config (train, runtime, parallel sections are read).
+        model: the Cell whose Parameters are checkpointed (e.g. the classifier, or a distillation wrapper).
+        loss_cell: maps one batch (in `batches.order`) to a scalar loss.
+        batches: this rank's training batches.
+        trainable: the Parameters to optimise (default: model.trainable_params()).
+        evaluate: () -> metrics dict, run every `train.eval_every` updates (or each epoch).
+        metric: the key of `evaluate`'s dict that selects the best model (higher is better).
+        on_best: called with (metrics, update) when the metric improves (e.g. to save a model directory).
+        rank, world_size: data-parallel position; only rank 0 writes files.
+    """
+
+    def __init__(self, config: ExperimentConfig, model: nn.Cell, loss_cell: nn.Cell, batches: ArrayBatches,
+                 output_dir: Path, trainable: Optional[List] = None,
+                 evaluate: Optional[Callable[[], Dict[str, float]]] = None, metric: Optional[str] = None,
+                 on_best: Optional[Callable[[Dict[str, float], int], None]] = None, rank: int = 0,
+                 world_size: int = 1, log: Callable[[str], None] = print):
+        self.config = config
+        self.train = config.train
+        self.model = model
+        self.batches = batches
+        self.output_dir = Path(output_dir)
+        self.evaluate = evaluate
+        self.metric = metric
+        self.on_best = on_best
+        self.rank = rank
+        self.world_size = world_size
+        self.log = log if rank == 0 else (lambda message: None)
+        self.updates_total = total_updates(self.train, len(batches))
+        warmup = int(self.train.warmup_ratio * self.updates_total)
+        self.schedule = WarmupSchedule(self.train.learning_rate, self.updates_total, warmup,
+                                       kind=self.train.schedule)
+        weights = trainable if trainable is not None else model.trainable_params()
+        self.optimizer = build_optimizer(self.train.optimizer, weights, self.schedule,
+                                         weight_decay=self.train.weight_decay, eps=self.train.adam_epsilon)
+        mode = resolve_loss_scale_mode(self.train.loss_scale, config.runtime.precision)
+        self.scaler = LossScaler(mode, self.train.loss_scale_value, self.train.loss_scale_factor,
+                                 self.train.loss_scale_window)
+        self.step = TrainStep(loss_cell, self.optimizer, self.scaler, self.train.gradient_accumulation,
+                              self.train.max_grad_norm, make_reducer(weights, world_size))
+        if batches.dynamic_padding:
+            self.step.set_dynamic_inputs([_dynamic_spec(batches.columns[name]) for name in batches.order])
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.state = {"epoch": 0, "next_batch": 0, "updates": 0, "best_metric": None, "best_step": None,
+                      "last_eval": {}}
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _optimizer_cells(self):
+        cells = [self.optimizer]
+        if self.step.accumulator is not None:
+            cells.append(self.step.accumulator)
+        return cells
+
+    def _write_metrics(self, record: Dict) -> None:
+        if self.rank != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def _save(self) -> None:
+        if self.rank != 0:
+            return
+        state = dict(self.state, scaler=self.scaler.state_dict(), seed=self.config.runtime.seed,
+                     world_size=self.world_size, updates_total=self.updates_total)
+        save_checkpoint(self.checkpoint_dir, f"step-{self.state['updates']:07d}", self.model,
+                        self._optimizer_cells(), state, self.train.keep_checkpoints)
+
+    def resume(self) -> Optional[str]:
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return None
+        state = load_checkpoint(path, self.model, self._optimizer_cells())
+        self.scaler.load_state_dict(state.pop("scaler"))
+        if state.get("world_size", 1) != self.world_size:
+            self.log(f"warning: {path} was written with {state.get('world_size')} ranks, resuming with "
+                     f"{self.world_size}: the data order differs from an uninterrupted run")
+        self.state.update({key: state[key] for key in self.state if key in state})
+        self.log(f"resumed from {path} (update {self.state['updates']}, epoch {self.state['epoch']}, "
+                 f"batch {self.state['next_batch']})")
+        return str(path)
+
+    def _run_evaluation(self) -> None:
+        if self.evaluate is None:
+            return
+        self.step.set_train(False)
+        metrics = self.evaluate()
+        self.step.set_train(True)
+        self.state["last_eval"] = metrics
+        record = {"type": "eval", "update": self.state["updates"], "epoch": self.state["epoch"], **metrics}
+        self._write_metrics(record)
+        value = metrics.get(self.metric) if self.metric else None
+        improved = value is not None and (self.state["best_metric"] is None or value > self.state["best_metric"])
+        if improved:
+            self.state["best_metric"] = float(value)
+            self.state["best_step"] = self.state["updates"]
+            if self.on_best is not None and self.rank == 0:
+                self.on_best(metrics, self.state["updates"])
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self.log(f"eval @ update {self.state['updates']}: {shown}{' (best)' if improved else ''}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = True, stop_after: Optional[int] = None) -> TrainResult:
+        """Train until `updates_total` (or `stop_after` updates in this call, for staged runs and tests)."""
+        resumed_from = self.resume() if resume else None
+        started = time.perf_counter()
+        self.step.set_train(True)
+        from tqdm import tqdm
+
+        progress = tqdm(total=self.updates_total, initial=self.state["updates"], disable=self.rank != 0 or None,
+                        desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        done_here = 0
+        losses: List[float] = []
+        while self.state["updates"] < self.updates_total:
+            epoch = self.state["epoch"]
+            for index, arrays in self.batches.epoch(epoch, self.state["next_batch"]):
+                result = self.step(*[Tensor(a) for a in arrays])
+                losses.append(result.loss)
+                if not result.boundary:
+                    continue
+                self.state["updates"] += 1
+                self.state["next_batch"] = index + 1
+                done_here += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{result.loss:.4f}", scale=f"{result.loss_scale:g}")
+                updates = self.state["updates"]
+                if updates % self.train.log_every == 0 or updates == self.updates_total:
+                    self._write_metrics({"type": "train", "update": updates, "epoch": epoch,
+                                         "loss": float(np.mean(losses)), "lr": self.schedule.lr_at(updates - 1),
+                                         "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
+                                         "skipped": not result.applied})
+                    losses = []
+                if self.train.eval_every and updates % self.train.eval_every == 0:
+                    self._run_evaluation()
+                finished = updates >= self.updates_total
+                if self.train.save_every and (updates % self.train.save_every == 0 or finished):
+                    self._save()
+                if finished or (stop_after is not None and done_here >= stop_after):
+                    break
+            else:  # the epoch ran out
+                self.state["epoch"] = epoch + 1
+                self.state["next_batch"] = 0
+                if not self.train.eval_every:
+                    self._run_evaluation()
+                if not self.train.save_every:
+                    self._save()
+                continue
+            if self.state["updates"] >= self.updates_total and not self.train.save_every:
+                self._save()
+            if self.state["updates"] >= self.updates_total and not self.train.eval_every:
+                self._run_evaluation()
+            break
+        progress.close()
+        return TrainResult(self.state["updates"], self.state["epoch"], self.state["best_metric"],
+                           self.state["best_step"], self.state["last_eval"], time.perf_counter() - started,
+                           self.scaler.skipped_steps, resumed_from)
