@@ -57,6 +57,9 @@ def restore_state(cells: Sequence[nn.Cell], values: Dict[str, np.ndarray], sourc
         for name, param in cell.parameters_and_names():
             if name not in excluded:
                 params.setdefault(name, param)
+    # One-element state (counters) may come back as () or (1,): MindSpore reports either for a scalar Parameter.
+    values = {name: (value.reshape(tuple(params[name].shape)) if name in params and value.size == 1
+                     and int(np.prod(params[name].shape)) == 1 else value) for name, value in values.items()}
     problems = [f"missing: {name}" for name in params if name not in values]
     problems += [f"shape mismatch: {name}: checkpoint {values[name].shape} vs run {tuple(param.shape)}"
                  for name, param in params.items() if name in values and values[name].shape != tuple(param.shape)]
