@@ -15,11 +15,13 @@ def build_parser() -> argparse.ArgumentParser:
     from ms_nlp_compress import demo
     from ms_nlp_compress.data import commands as data_commands
 
+    from ms_nlp_compress.export import commands as export_commands
     from ms_nlp_compress.train import finetune
 
     data_commands.add_parser(sub)
     demo.add_parser(sub)
     finetune.add_parsers(sub)
+    export_commands.add_parser(sub)
     return parser
 
 
