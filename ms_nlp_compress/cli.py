@@ -16,11 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ms_nlp_compress.data import commands as data_commands
 
     from ms_nlp_compress.export import commands as export_commands
-    from ms_nlp_compress.train import finetune
+    from ms_nlp_compress.train import finetune, pretrain
 
     data_commands.add_parser(sub)
     demo.add_parser(sub)
     finetune.add_parsers(sub)
+    pretrain.add_parser(sub)
     export_commands.add_parser(sub)
     return parser
 

@@ -68,6 +68,9 @@ class NezhaConfig:
     # stateless: counter-hash masks saved with checkpoints (exact resume); native: MindSpore's kernel (faster on
     # Ascend, resume exact except for dropout masks). See models/dropout.py.
     dropout_impl: str = "stateless"
+    # auto: CPU-friendly GELU / LayerNorm formulations (models/kernels.py) when the device target is CPU, MindSpore's
+    # fused kernels otherwise; fused: always MindSpore's; cpu: always the CPU formulations.
+    kernels: str = "auto"
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -88,6 +91,8 @@ class NezhaConfig:
             _check(0.0 <= value < 1.0, f"{prefix}.{name}", f"must be in [0, 1), got {value}")
         _check(self.dropout_impl in ("stateless", "native"), f"{prefix}.dropout_impl",
                f"must be stateless or native, got {self.dropout_impl!r}")
+        _check(self.kernels in ("auto", "fused", "cpu"), f"{prefix}.kernels",
+               f"must be auto, fused or cpu, got {self.kernels!r}")
         _check(self.layer_norm_eps > 0, f"{prefix}.layer_norm_eps", f"must be > 0, got {self.layer_norm_eps}")
         _check(self.initializer_range > 0, f"{prefix}.initializer_range", "must be > 0")
         _check(0 <= self.pad_token_id < self.vocab_size, f"{prefix}.pad_token_id",
@@ -157,8 +162,12 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     skip_malformed: bool = False
+    train_limit: int = 0  # use a seeded random subset of this many training examples (0: all); quick presets
+    eval_limit: int = 0  # likewise for dev and test
 
     def validate(self, prefix: str = "data") -> None:
+        _check(self.train_limit >= 0, f"{prefix}.train_limit", "must be >= 0 (0 means all)")
+        _check(self.eval_limit >= 0, f"{prefix}.eval_limit", "must be >= 0 (0 means all)")
         _check(self.max_length >= 2, f"{prefix}.max_length", f"must be >= 2 ([CLS] and [SEP]), got {self.max_length}")
         _check(self.batch_size > 0, f"{prefix}.batch_size", "must be > 0")
         _check(self.eval_batch_size > 0, f"{prefix}.eval_batch_size", "must be > 0")
@@ -217,6 +226,55 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """The `pretrain:` section. Sequence length / batch size come from `data.max_length` / `data.batch_size`."""
+
+    corpus: str = "cache:peoples_daily/corpus.txt"  # one paragraph per line; a blank line ends a document
+    segmented: bool = True  # lines are whitespace-separated words (word boundaries for whole-word masking)
+    max_lines: Optional[int] = None  # read only the first N lines (quick runs)
+    eval_sequences: int = 256  # packed rows held out from the END of the corpus for MLM loss / accuracy
+    vocab: Optional[str] = None  # an existing vocab.txt or spm.model; null: build one from the corpus
+    vocab_kind: str = "wordpiece"  # wordpiece (characters + frequent words) | sentencepiece (unigram)
+    vocab_size: int = 8000  # upper bound when building (a char-level Chinese vocab stops at the corpus alphabet)
+    vocab_min_frequency: int = 2
+    short_seq_prob: float = 0.1  # BERT's: this fraction of rows is packed to a random shorter length
+    whole_word: bool = True
+    mask_ratio: float = 0.15
+    max_predictions: int = 20  # P: predictions per row (padded), also the cap of the PMLM count
+    pmlm: bool = False  # PMLM: masked count uniform over [1, min(max_predictions, round(n * pmlm_max_ratio))]
+    pmlm_max_ratio: float = 1.0
+    mask_token_prob: float = 0.8
+    random_token_prob: float = 0.1
+    dynamic_masking: bool = True  # re-mask every epoch (seeded by seed, epoch, row); false: epoch 0's masks always
+
+    def validate(self, prefix: str = "pretrain") -> None:
+        def check(condition: bool, key: str, message: str) -> None:
+            if not condition:
+                raise ConfigError(f"{prefix}.{key}: {message}")
+
+        check(bool(self.corpus), "corpus", "must name a text file")
+        check(self.max_lines is None or self.max_lines > 0, "max_lines", f"must be > 0, got {self.max_lines}")
+        check(self.eval_sequences >= 0, "eval_sequences", f"must be >= 0, got {self.eval_sequences}")
+        check(self.vocab_kind in ("wordpiece", "sentencepiece"), "vocab_kind",
+              f"must be wordpiece or sentencepiece, got {self.vocab_kind!r}")
+        check(self.vocab_size > 5, "vocab_size", f"must exceed the 5 special tokens, got {self.vocab_size}")
+        check(self.vocab_min_frequency >= 1, "vocab_min_frequency", "must be >= 1")
+        check(0.0 <= self.short_seq_prob < 1.0, "short_seq_prob", f"must be in [0, 1), got {self.short_seq_prob}")
+        check(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        check(self.max_predictions >= 1, "max_predictions", f"must be >= 1, got {self.max_predictions}")
+        check(0.0 < self.pmlm_max_ratio <= 1.0, "pmlm_max_ratio", f"must be in (0, 1], got {self.pmlm_max_ratio}")
+        for key in ("mask_token_prob", "random_token_prob"):
+            check(0.0 <= getattr(self, key) <= 1.0, key, f"must be in [0, 1], got {getattr(self, key)}")
+        check(self.mask_token_prob + self.random_token_prob <= 1.0, "random_token_prob",
+              f"mask_token_prob + random_token_prob = {self.mask_token_prob + self.random_token_prob} exceeds 1")
+
+    def masking_kwargs(self) -> Dict:
+        return {"mask_ratio": self.mask_ratio, "max_predictions": self.max_predictions, "pmlm": self.pmlm,
+                "pmlm_max_ratio": self.pmlm_max_ratio, "whole_word": self.whole_word,
+                "mask_token_prob": self.mask_token_prob, "random_token_prob": self.random_token_prob}
+
+
+@dataclass
 class ParallelConfig:
     """Data parallel over `world_size` ranks, launched by msrun (HCCL on Ascend, MindSpore's CPU collectives here)."""
 
@@ -244,10 +302,12 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
         self.train.validate("train")
+        self.pretrain.validate("pretrain")
         self.runtime.validate("runtime")
         self.data.validate("data")
         self.parallel.validate("parallel")

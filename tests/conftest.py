@@ -3,7 +3,6 @@
 The real-weight tests are part of the default suite (the README's test command fetches the teacher first); when
 the weights are absent they FAIL with the command to fetch them, they are never silently skipped.
 """
-import os
 
 import pytest
 

@@ -18,11 +18,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-import mindspore as ms
 from mindspore import Tensor, nn
 
 from ms_nlp_compress.config import NezhaConfig

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -46,7 +46,16 @@ def load_tokenizer_for(config: ExperimentConfig, model_dir: Optional[Path]):
     return load_tokenizer(vocab, lowercase=lowercase, max_length=config.data.max_length)
 
 
+def subsample(examples, limit: int, seed: int):
+    """A seeded random subset in the original order (quick presets); all examples when limit is 0."""
+    if not limit or len(examples) <= limit:
+        return examples
+    keep = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
+    return [examples[i] for i in keep]
+
+
 def read_split(config: ExperimentConfig, split: str):
+    """(task, examples) of a split, subsampled per `data.train_limit` / `data.eval_limit`."""
     from ms_nlp_compress.data.glue import get_task
 
     task = get_task(config.data.task)
@@ -57,7 +66,9 @@ def read_split(config: ExperimentConfig, split: str):
     path = data_dir / names[0]
     if not path.is_file():
         raise DataError(f"{path}: {split} file not found for task {task.name}")
-    return task, task.reader(path, skip_malformed=config.data.skip_malformed)
+    examples = task.reader(path, skip_malformed=config.data.skip_malformed)
+    limit = config.data.train_limit if split == "train" else config.data.eval_limit
+    return task, subsample(examples, limit, config.runtime.seed + len(split))
 
 
 def encode(examples, tokenizer, max_length: int, regression: bool) -> Dict[str, np.ndarray]:
@@ -176,7 +187,7 @@ def run_finetune(config: ExperimentConfig, resume: bool = True, log=print) -> Di
         report["best_dev"] = evaluate_classifier(best, dev_columns, task, config.data.eval_batch_size)
         data_dir = resolve_path(config.data.data_dir)
         if (data_dir / "test.tsv").is_file():
-            test_examples = task.reader(data_dir / "test.tsv", skip_malformed=config.data.skip_malformed)
+            _, test_examples = read_split(config, "test")
             if test_examples and test_examples[0].label is not None:
                 test_columns = encode(test_examples, tokenizer, config.data.max_length, task.is_regression)
                 report["test"] = evaluate_classifier(best, test_columns, task, config.data.eval_batch_size)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -186,7 +185,8 @@ class Trainer:
                     self._write_metrics({"type": "train", "update": updates, "epoch": epoch,
                                          "loss": float(np.mean(losses)), "lr": self.schedule.lr_at(updates - 1),
                                          "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
-                                         "skipped": not result.applied})
+                                         "skipped": not result.applied,
+                                         "seconds": round(time.perf_counter() - started, 3)})
                     losses = []
                 if self.train.eval_every and updates % self.train.eval_every == 0:
                     self._run_evaluation()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ms_nlp_compress.cli import main as msnc_main
-from ms_nlp_compress.data.glue import read_sst2, read_stsb
+from ms_nlp_compress.data.glue import read_sst2
 from ms_nlp_compress.data.mindrecord import (
     build_dataset, build_dataset_from_examples, convert_tsv_to_mindrecord, encode_examples,
 )

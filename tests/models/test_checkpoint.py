@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 
-import mindspore as ms
 from mindspore import Tensor
 
 import numpy_bert

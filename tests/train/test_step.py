@@ -6,8 +6,7 @@ hide a clipping or averaging error.
 import numpy as np
 import pytest
 
-import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from ms_nlp_compress.train.step import LossScaler, TrainStep, resolve_loss_scale_mode
 
