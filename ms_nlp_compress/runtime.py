@@ -17,10 +17,15 @@ _DEVICE_TARGETS = {"cpu": "CPU", "ascend": "Ascend", "gpu": "GPU"}
 def setup_runtime(runtime: RuntimeConfig) -> None:
     """Set MindSpore's global context from `runtime`. Call once, before any Tensor is created on Ascend."""
     target = _DEVICE_TARGETS[runtime.device]
-    if hasattr(ms, "set_device"):
+    try:
         ms.set_device(target, runtime.device_id)  # 2.9+: set_context(device_target=...) is deprecated
-    else:  # pragma: no cover - older MindSpore
-        ms.set_context(device_target=target, device_id=runtime.device_id)
+    except RuntimeError as err:
+        # A second setup in one process (a demo running several stages, tests) finds the runtime already up:
+        # fine on the same device, an error on another one.
+        current = ms.get_context("device_target")
+        if current != target:
+            raise RuntimeError(f"runtime.device is {runtime.device} but this process already runs on {current}: "
+                               "start a new process to change devices") from err
     ms.set_context(mode=ms.GRAPH_MODE if runtime.mode == "graph" else ms.PYNATIVE_MODE)
     if runtime.device == "cpu" and runtime.cpu_threads is not None:
         set_cpu_threads(runtime.cpu_threads)
