@@ -43,3 +43,25 @@ def set_cpu_threads(count: int) -> None:
         ms.device_context.cpu.op_tuning.threads_num(count)
     except (AttributeError, RuntimeError):  # already set in this process, or an older API
         pass
+
+
+def apply_precision(network, precision: str):
+    """Cast `network` for mixed precision (MindSpore amp levels O1-O3); fp32 leaves it untouched.
+
+    Parameters stay float32 (the optimizer updates fp32 master weights); O2 keeps LayerNorm and softmax in fp32 and
+    returns fp32 outputs. On CPU this runs but is not faster (docs/mindspore.md); it is meant for Ascend.
+    """
+    if precision == "fp32":
+        return network
+    from mindspore import amp
+
+    from ms_nlp_compress.errors import ConfigError
+    from ms_nlp_compress.models.kernels import ExactGelu, LayerNorm
+
+    cpu_cells = [name for name, cell in network.cells_and_names() if isinstance(cell, (ExactGelu, LayerNorm))]
+    if cpu_cells:
+        # Their hand-written fp32 backward passes do not mix with amp's fp16 casts (AddN dtype clash, seen on 2.10).
+        raise ConfigError(f"runtime.precision {precision} needs model.kernels: fused (the CPU formulations in "
+                          f"{cpu_cells[0]} and {len(cpu_cells) - 1} more cells are fp32-only); mixed precision "
+                          "brings no speed on CPU anyway")
+    return amp.auto_mixed_precision(network, amp_level=precision, dtype=ms.float16)

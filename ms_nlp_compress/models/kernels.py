@@ -168,15 +168,16 @@ class _LayerNormFunction(nn.Cell):
     def bprop(self, x, gamma, beta, out, dout):
         rows = x.reshape(-1, self.width).astype(ms.float32)  # (N, H)
         grad = dout.reshape(-1, self.width).astype(ms.float32)  # (N, H)
-        centred = rows - ops.matmul(rows, self.average)  # (N, H)
-        rstd = ops.rsqrt(ops.matmul(centred * centred, self.average) + self.epsilon)  # (N, 1)
+        average = self.average.astype(ms.float32)  # amp may have cast the constant
+        centred = rows - ops.matmul(rows, average)  # (N, H)
+        rstd = ops.rsqrt(ops.matmul(centred * centred, average) + self.epsilon)  # (N, 1)
         xhat = centred * rstd
         ones = ops.ones((1, rows.shape[0]), ms.float32)  # (1, N)
         dgamma = ops.matmul(ones, grad * xhat).reshape(gamma.shape)  # (H,)
         dbeta = ops.matmul(ones, grad).reshape(beta.shape)  # (H,)
         scaled = grad * gamma.astype(ms.float32)  # (N, H)
-        projection = ops.matmul(scaled * xhat, self.average)  # (N, 1)
-        dx = rstd * (scaled - ops.matmul(scaled, self.average) - xhat * projection)
+        projection = ops.matmul(scaled * xhat, average)  # (N, 1)
+        dx = rstd * (scaled - ops.matmul(scaled, average) - xhat * projection)
         return dx.reshape(x.shape).astype(x.dtype), dgamma.astype(gamma.dtype), dbeta.astype(beta.dtype)
 
 
@@ -200,7 +201,9 @@ class LayerNorm(nn.Cell):
         self.function = _LayerNormFunction(normalized_shape[0], self.epsilon)
 
     def construct(self, x):
-        return self.function(x, self.gamma, self.beta)
+        # Statistics in float32 whatever the compute type (the mixed-precision policy for LayerNorm).
+        out = self.function(x.astype(ms.float32), self.gamma.astype(ms.float32), self.beta.astype(ms.float32))
+        return out.astype(x.dtype)
 
     def extend_repr(self):
         return f"normalized_shape={self.normalized_shape}, epsilon={self.epsilon}, backward=gemm"

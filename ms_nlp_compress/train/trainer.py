@@ -89,6 +89,9 @@ class Trainer:
         weights = trainable if trainable is not None else model.trainable_params()
         self.optimizer = build_optimizer(self.train.optimizer, weights, self.schedule,
                                          weight_decay=self.train.weight_decay, eps=self.train.adam_epsilon)
+        from ms_nlp_compress.runtime import apply_precision
+
+        apply_precision(model, config.runtime.precision)  # in place: loss_cell wraps this same model
         mode = resolve_loss_scale_mode(self.train.loss_scale, config.runtime.precision)
         self.scaler = LossScaler(mode, self.train.loss_scale_value, self.train.loss_scale_factor,
                                  self.train.loss_scale_window)

@@ -117,3 +117,34 @@ def test_dynamic_padding_trims_to_the_longest_row():
     batches = ArrayBatches(data, ("input_ids", "attention_mask"), batch_size=2, shuffle=False, dynamic_padding=True)
     (_, (ids, mask)), = list(batches.epoch(0))
     assert ids.shape == (2, 3) and mask.shape == (2, 3)
+
+
+def test_o2_mixed_precision_trains_with_dynamic_loss_scale(tmp_path, graph_mode, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # amp may write a rewritten_network/ folder into the working directory
+    trainer, model = tiny_task.build(tmp_path / "o2", kernels="fused", max_steps=6, save_every=6, eval_every=0)
+    assert trainer.scaler.mode == "none"  # fp32 config: no scaling
+    trainer_config = trainer.config
+    trainer_config.runtime.precision = "O2"
+    import ms_nlp_compress.train.trainer as trainer_module
+
+    o2 = trainer_module.Trainer(trainer_config, model, trainer.step.loss_cell, trainer.batches, tmp_path / "o2b",
+                                log=lambda message: None)
+    assert o2.scaler.mode == "dynamic" and o2.scaler.scale == 65536.0
+    before = tiny_task.weights(model)
+    result = o2.fit()
+    after = tiny_task.weights(model)
+    assert result.updates == 6 and result.updates - result.skipped_updates >= 1
+    assert all(value.dtype == np.float32 for value in after.values() if value.dtype.kind == "f")  # fp32 masters
+    assert any(not np.array_equal(before[name], after[name]) for name in before if "classifier" in name)
+
+
+def test_mixed_precision_with_cpu_kernels_is_refused(tmp_path):
+    from ms_nlp_compress.config import NezhaConfig
+    from ms_nlp_compress.errors import ConfigError
+    from ms_nlp_compress.models.nezha import NezhaModel
+    from ms_nlp_compress.runtime import apply_precision
+
+    model = NezhaModel(NezhaConfig(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                                   kernels="cpu"))
+    with pytest.raises(ConfigError, match="model.kernels: fused"):
+        apply_precision(model, "O2")

@@ -23,13 +23,14 @@ def columns(size=48, length=8, seed=0):
             "label": label}
 
 
-def build(output_dir, seed=0, **train_overrides):
+def build(output_dir, seed=0, kernels="auto", **train_overrides):
     import mindspore as ms
 
     ms.set_seed(seed)
     set_dropout_seed(seed)
     model_config = NezhaConfig(vocab_size=30, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
-                               max_relative_position=4, hidden_dropout=0.1, attention_dropout=0.1)
+                               max_relative_position=4, hidden_dropout=0.1, attention_dropout=0.1,
+                               kernels=kernels)
     train = dict(learning_rate=3e-3, max_steps=8, save_every=2, eval_every=4, log_every=1, warmup_ratio=0.25)
     train.update(train_overrides)
     config = ExperimentConfig(model=model_config, train=TrainConfig(**train))
