@@ -17,7 +17,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ms_nlp_compress import paths
-from ms_nlp_compress.config import ExperimentConfig, NezhaConfig, dump_config
+from ms_nlp_compress.config import ExperimentConfig, NezhaConfig
 from ms_nlp_compress.errors import ConfigError, DataError, MsncError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -138,20 +138,11 @@ def selection_metric(task) -> str:
 def run_finetune(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     """Fine-tune, keep the best dev model in `output_dir/best`, report dev and test metrics of that model."""
     from ms_nlp_compress.models.checkpoint import load_model_dir, save_model_dir
-    from ms_nlp_compress.models.dropout import set_dropout_seed
-    from ms_nlp_compress.parallel.setup import init_data_parallel
-    from ms_nlp_compress.runtime import setup_runtime
     from ms_nlp_compress.train.batches import ArrayBatches
     from ms_nlp_compress.train.losses import SequenceClassificationLoss
-    from ms_nlp_compress.train.trainer import Trainer
+    from ms_nlp_compress.train.trainer import Trainer, start_run
 
-    setup_runtime(config.runtime)
-    rank, world_size = init_data_parallel(config.parallel, config.runtime)
-    set_dropout_seed(config.runtime.seed + rank)
-    output_dir = Path(config.output_dir)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, output_dir / "config.yaml")
+    rank, world_size, output_dir = start_run(config)
     task, train_examples = read_split(config, "train")
     _, dev_examples = read_split(config, "dev")
     model, model_config, pretrained = build_classifier(config, task.num_labels)

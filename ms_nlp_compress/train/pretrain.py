@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import yaml
 
 from ms_nlp_compress.config import PretrainConfig
 from ms_nlp_compress.errors import ConfigError, DataError
@@ -73,17 +72,6 @@ def load_pretrain_experiment(path, overrides: Sequence[str] = ()):
     config_module._validate_with_source(pretrain, source, "pretrain")
     config.pretrain = pretrain
     return config
-
-
-def _dump_experiment(config, pretrain: PretrainConfig, path: Path) -> None:
-    values = dataclasses.asdict(config)
-    values["pretrain"] = dataclasses.asdict(pretrain)
-    path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Corpus and vocabulary
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def read_corpus(path: Path, max_lines: Optional[int] = None) -> List[str]:
@@ -361,23 +349,14 @@ def run_pretrain(config, resume: bool = True, log=print) -> Dict:
     """Pre-train a masked LM as configured; save mlm/ and pretrained/ in `config.output_dir`; return a report."""
     from ms_nlp_compress.data.masking import build_pretraining_examples
     from ms_nlp_compress.models.checkpoint import is_model_dir, load_pretrained, pretrained_config, read_model_dir
-    from ms_nlp_compress.models.dropout import set_dropout_seed
     from ms_nlp_compress.models.nezha import NezhaForMaskedLM
-    from ms_nlp_compress.parallel.setup import init_data_parallel
-    from ms_nlp_compress.runtime import setup_runtime
     from ms_nlp_compress.train.finetune import resolve_path
     from ms_nlp_compress.train.losses import MaskedLMLoss
-    from ms_nlp_compress.train.trainer import Trainer
+    from ms_nlp_compress.train.trainer import Trainer, start_run
 
     pretrain = pretrain_config_of(config)
     pretrain.validate()
-    setup_runtime(config.runtime)
-    rank, world_size = init_data_parallel(config.parallel, config.runtime)
-    set_dropout_seed(config.runtime.seed + rank)
-    output_dir = Path(config.output_dir)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _dump_experiment(config, pretrain, output_dir / "config.yaml")
+    rank, world_size, output_dir = start_run(config)
     seed = config.runtime.seed
 
     started = time.perf_counter()

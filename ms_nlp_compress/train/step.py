@@ -97,6 +97,29 @@ def _clip(grads, norm, max_norm: float):
     return clipped
 
 
+class FinishGradients(nn.Cell):
+    """Reduce across ranks (mean), unscale, check finiteness (after the reduce: the same verdict on every rank),
+    global norm, clip. Returns (gradients, finite flag, norm before clipping)."""
+
+    def __init__(self, reducer: Optional[nn.Cell], max_grad_norm: Optional[float]):
+        super().__init__(auto_prefix=False)
+        self.reducer = reducer
+        self.max_grad_norm = max_grad_norm
+
+    def construct(self, grads, scale):
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+        inverse = 1.0 / scale
+        unscaled = ()
+        for grad in grads:
+            unscaled = unscaled + (grad * inverse.astype(grad.dtype),)
+        finite = ms.amp.all_finite(unscaled)
+        norm = _global_norm(unscaled)
+        if self.max_grad_norm is not None:
+            unscaled = _clip(unscaled, norm, self.max_grad_norm)
+        return unscaled, finite, norm
+
+
 class GradientCell(nn.Cell):
     """Compiled: (loss, gradients, finite flag, global norm) for one micro-batch.
 
@@ -110,8 +133,7 @@ class GradientCell(nn.Cell):
         self.scaled_loss = _ScaledLoss(loss_cell)
         self.weights = weights
         self.grad_fn = ms.value_and_grad(self.scaled_loss, None, weights)
-        self.reducer = reducer
-        self.max_grad_norm = max_grad_norm
+        self.finish = FinishGradients(reducer, max_grad_norm)
         self.finalize = finalize
 
     def construct(self, scale, *inputs):
@@ -119,16 +141,7 @@ class GradientCell(nn.Cell):
         loss = scaled_loss / scale
         if not self.finalize:
             return loss, grads, Tensor(True, ms.bool_), Tensor(0.0, ms.float32)
-        if self.reducer is not None:
-            grads = self.reducer(grads)
-        inverse = 1.0 / scale
-        unscaled = ()
-        for grad in grads:
-            unscaled = unscaled + (grad * inverse.astype(grad.dtype),)
-        finite = ms.amp.all_finite(unscaled)
-        norm = _global_norm(unscaled)
-        if self.max_grad_norm is not None:
-            unscaled = _clip(unscaled, norm, self.max_grad_norm)
+        unscaled, finite, norm = self.finish(grads, scale)
         return loss, unscaled, finite, norm
 
 
@@ -140,8 +153,7 @@ class AccumulationCell(nn.Cell):
         super().__init__(auto_prefix=False)
         self.buffers = weights.clone(prefix="grad_accumulation", init="zeros")
         self.steps = steps
-        self.reducer = reducer
-        self.max_grad_norm = max_grad_norm
+        self.finish = FinishGradients(reducer, max_grad_norm)
         self.hyper_map = ops.HyperMap()
 
     @ms.jit
@@ -153,17 +165,7 @@ class AccumulationCell(nn.Cell):
         grads = ()
         for buffer in self.buffers:
             grads = grads + (buffer / self.steps,)
-        if self.reducer is not None:
-            grads = self.reducer(grads)
-        inverse = 1.0 / scale
-        unscaled = ()
-        for grad in grads:
-            unscaled = unscaled + (grad * inverse.astype(grad.dtype),)
-        finite = ms.amp.all_finite(unscaled)
-        norm = _global_norm(unscaled)
-        if self.max_grad_norm is not None:
-            unscaled = _clip(unscaled, norm, self.max_grad_norm)
-        return unscaled, finite, norm
+        return self.finish(grads, scale)
 
     @ms.jit
     def reset(self):

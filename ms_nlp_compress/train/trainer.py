@@ -39,6 +39,24 @@ class TrainResult:
     resumed_from: Optional[str]
 
 
+def start_run(config: ExperimentConfig):
+    """The common start of a training command: runtime, data-parallel group, dropout seed, output folder and the
+    resolved config written next to the results (rank 0). Returns (rank, world size, output dir)."""
+    from ms_nlp_compress.config import dump_config
+    from ms_nlp_compress.models.dropout import set_dropout_seed
+    from ms_nlp_compress.parallel.setup import init_data_parallel
+    from ms_nlp_compress.runtime import setup_runtime
+
+    setup_runtime(config.runtime)
+    rank, world_size = init_data_parallel(config.parallel, config.runtime)
+    set_dropout_seed(config.runtime.seed + rank)  # ranks draw different dropout masks
+    output_dir = Path(config.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, output_dir / "config.yaml")
+    return rank, world_size, output_dir
+
+
 def _dynamic_spec(column: np.ndarray) -> Tensor:
     """A shape-free input declaration for one batch column (first two axes dynamic)."""
     dtype = {np.dtype(np.int32): ms.int32, np.dtype(np.float32): ms.float32}.get(column.dtype)
