@@ -113,6 +113,30 @@ def read_safetensors(path: Union[str, Path]) -> Dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from None
 
 
+def _read_json(path: Path, missing: str) -> Dict[str, Any]:
+    """A JSON config file; a missing file or bad JSON is an error naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON: {err}") from None
+
+
+def safetensors_names(path: Union[str, Path]) -> List[str]:
+    """Tensor names of a safetensors file, from its header only (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from None
+
+
 def write_safetensors(weights: Dict[str, np.ndarray], path: Union[str, Path], metadata: Optional[Dict] = None) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint under the final name."""
     from safetensors.numpy import save_file
@@ -188,9 +212,12 @@ _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh":
                    "gelu_fast": "gelu_tanh", "relu": "relu"}
 
 
-def config_from_hf(values: Dict[str, Any], source: str, weights: Optional[Dict[str, np.ndarray]] = None
+def config_from_hf(values: Dict[str, Any], source: str, tensor_names: Optional[Sequence[str]] = None
                    ) -> NezhaConfig:
-    """Translate a HF BERT / NEZHA `config.json` into a NezhaConfig (unknown HF keys are irrelevant here)."""
+    """Translate a HF BERT / NEZHA `config.json` into a NezhaConfig (unknown HF keys are irrelevant here).
+
+    `tensor_names` (the checkpoint's) settle the position type: NEZHA checkpoints have no position table.
+    """
     def need(key):
         if key not in values:
             raise ConfigError(f"{source}: missing key {key}")
@@ -201,8 +228,8 @@ def config_from_hf(values: Dict[str, Any], source: str, weights: Optional[Dict[s
         raise ConfigError(f"{source}: hidden_act {activation!r} is not supported; one of {sorted(_HF_ACTIVATIONS)}")
     relative = bool(values.get("use_relative_position", False)) or values.get("position_embedding_type") in (
         "relative", "relative_key", "nezha")
-    if weights is not None:
-        has_table = any(k.endswith("embeddings.position_embeddings.weight") for k in weights)
+    if tensor_names is not None:
+        has_table = any(k.endswith("embeddings.position_embeddings.weight") for k in tensor_names)
         if relative and has_table:
             raise CheckpointError(f"{source}: config says relative positions but the checkpoint has an absolute "
                                   "position table (embeddings.position_embeddings.weight)")
@@ -250,14 +277,9 @@ def read_hf_checkpoint(path: Union[str, Path]) -> Tuple[NezhaConfig, Dict[str, n
     directory = path if path.is_dir() else path.parent
     weights_file = path if path.is_file() else _find_weights_file(directory)
     config_file = directory / CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: config.json not found next to the weights")
-    try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{config_file}: invalid JSON: {err}") from None
+    values = _read_json(config_file, "config.json not found next to the weights")
     hf_weights = read_safetensors(weights_file)
-    config = config_from_hf(values, str(config_file), hf_weights)
+    config = config_from_hf(values, str(config_file), list(hf_weights))
     native, unmapped, ignored = hf_to_native(hf_weights)
     return config, native, unmapped, ignored
 
@@ -373,23 +395,31 @@ def is_model_dir(path: Union[str, Path]) -> bool:
         return False
 
 
-def read_model_dir(directory: Union[str, Path]) -> Tuple[Dict[str, Any], NezhaConfig, Dict[str, np.ndarray]]:
+def read_model_document(directory: Union[str, Path]) -> Tuple[Dict[str, Any], NezhaConfig]:
+    """The config.json of our model directory, checked, and its NezhaConfig (the weights are not read)."""
     directory = Path(directory)
     config_file = directory / CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: not found (is {directory} a model directory?)")
-    try:
-        document = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{config_file}: invalid JSON: {err}") from None
+    document = _read_json(config_file, f"not found (is {directory} a model directory?)")
     if document.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{config_file}: not a {FORMAT_NAME} model directory (format "
                               f"{document.get('format')!r}); Hugging Face folders load with load_pretrained")
     if document.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{config_file}: format version {document['version']} is newer than this code "
                               f"({FORMAT_VERSION})")
-    config = NezhaConfig.from_dict(document.get("model", {}), str(config_file))
-    return document, config, read_safetensors(directory / WEIGHTS_FILE)
+    return document, NezhaConfig.from_dict(document.get("model", {}), str(config_file))
+
+
+def read_model_dir(directory: Union[str, Path]) -> Tuple[Dict[str, Any], NezhaConfig, Dict[str, np.ndarray]]:
+    document, config = read_model_document(directory)
+    return document, config, read_safetensors(Path(directory) / WEIGHTS_FILE)
+
+
+def saved_architecture(path: Union[str, Path]) -> Optional[str]:
+    """The architecture saved in our model directory at `path`; None for anything else (e.g. a HF folder)."""
+    path = Path(path)
+    if not (path.is_dir() and is_model_dir(path)):
+        return None
+    return read_model_document(path)[0].get("architecture")
 
 
 def load_model_dir(directory: Union[str, Path], strict: bool = True, **build_kwargs) -> Tuple[nn.Cell, Dict]:
@@ -419,15 +449,12 @@ def load_pretrained(cell: nn.Cell, path: Union[str, Path], strict: bool = True) 
 
 
 def pretrained_config(path: Union[str, Path]) -> NezhaConfig:
-    """The NezhaConfig of a model directory or a HF folder, without building a model."""
+    """The NezhaConfig of a model directory or a HF folder, without building a model or reading weights."""
     path = Path(path)
     if path.is_dir() and is_model_dir(path):
-        document = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        return NezhaConfig.from_dict(document.get("model", {}), str(path / CONFIG_FILE))
+        return read_model_document(path)[1]
     directory = path if path.is_dir() else path.parent
     config_file = directory / CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: config.json not found")
-    values = json.loads(config_file.read_text(encoding="utf-8"))
-    weights = read_safetensors(_find_weights_file(directory) if path.is_dir() else path)
-    return config_from_hf(values, str(config_file), weights)
+    values = _read_json(config_file, "config.json not found")
+    names = safetensors_names(_find_weights_file(directory) if path.is_dir() else path)
+    return config_from_hf(values, str(config_file), names)

@@ -90,14 +90,14 @@ def model_config_for(config: ExperimentConfig, pretrained: Optional[Path]) -> Ne
 
 def build_classifier(config: ExperimentConfig, num_labels: int):
     """The task model, its backbone initialised from `config.pretrained` (a model dir or a HF folder) if set."""
-    from ms_nlp_compress.models.checkpoint import is_model_dir, load_pretrained, read_model_dir
+    from ms_nlp_compress.models.checkpoint import load_pretrained, saved_architecture
     from ms_nlp_compress.models.nezha import NezhaForSequenceClassification
 
     pretrained = resolve_path(config.pretrained)
     model_config = model_config_for(config, pretrained)
     model = NezhaForSequenceClassification(model_config, num_labels)
     if pretrained is not None:
-        if is_model_dir(pretrained) and read_model_dir(pretrained)[0].get("architecture") == type(model).__name__:
+        if saved_architecture(pretrained) == type(model).__name__:
             load_pretrained(model, pretrained)  # continue from a fine-tuned model: heads included
         else:
             load_pretrained(model.bert, pretrained)  # a backbone: the classifier starts fresh

@@ -348,7 +348,7 @@ def _read_curve(metrics_path: Path) -> Tuple[List[Dict], List[Dict]]:
 def run_pretrain(config, resume: bool = True, log=print) -> Dict:
     """Pre-train a masked LM as configured; save mlm/ and pretrained/ in `config.output_dir`; return a report."""
     from ms_nlp_compress.data.masking import build_pretraining_examples
-    from ms_nlp_compress.models.checkpoint import is_model_dir, load_pretrained, pretrained_config, read_model_dir
+    from ms_nlp_compress.models.checkpoint import load_pretrained, pretrained_config, saved_architecture
     from ms_nlp_compress.models.nezha import NezhaForMaskedLM
     from ms_nlp_compress.train.finetune import resolve_path
     from ms_nlp_compress.train.losses import MaskedLMLoss
@@ -393,8 +393,7 @@ def run_pretrain(config, resume: bool = True, log=print) -> Dict:
     model_config.validate()
     model = NezhaForMaskedLM(model_config)
     if pretrained is not None:
-        continued = is_model_dir(pretrained) and read_model_dir(pretrained)[0].get("architecture") == \
-            "NezhaForMaskedLM"
+        continued = saved_architecture(pretrained) == "NezhaForMaskedLM"
         report = load_pretrained(model if continued else model.bert, pretrained, strict=continued)
         log(f"continuing from {pretrained}: {report.describe() if not continued else 'MLM model loaded'}")
 
