@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -337,14 +336,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         options = [option for option in args if option is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own error is the precise one
             return _coerce(value, options[0], key, source)
-        errors = []
-        for option in args:
-            if option is type(None):
-                continue
+        for option in options:
             try:
                 return _coerce(value, option, key, source)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass
         raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -490,14 +486,3 @@ def config_to_dict(config: Any) -> Dict[str, Any]:
 def dump_config(config: Any, path: Union[str, Path]) -> None:
     """Write a resolved config (no `base:`), so a run's exact settings are kept with its outputs."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-
-
-def config_from_json_file(cls: type, path: Union[str, Path]) -> Any:
-    path = Path(path)
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read JSON config: {err}") from None
-    config = from_mapping(cls, values, str(path))
-    _validate_with_source(config, str(path))
-    return config

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
 from ms_nlp_compress import paths
 from ms_nlp_compress.config import load_config
 from ms_nlp_compress.errors import MsncError
+from ms_nlp_compress.train.metrics import pearson
 
 # Hand-written pairs; the first two of each group are paraphrases, the third is unrelated to both.
 DEMO_PAIRS: Tuple[Tuple[str, str, str], ...] = (
@@ -42,19 +43,13 @@ def _ridge_predict(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.hstack([features, np.ones((len(features), 1))]) @ weights
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
-
-
 def probe(train: Tuple[np.ndarray, np.ndarray], dev: Tuple[np.ndarray, np.ndarray],
           test: Tuple[np.ndarray, np.ndarray], regression: bool) -> Dict[str, float]:
     """Pick the ridge strength on dev, report dev and test (accuracy, or Pearson for regression)."""
     def score(features, targets, weights):
         predictions = _ridge_predict(features, weights)
         if regression:
-            return _pearson(predictions, targets)
+            return pearson(predictions, targets)
         return float(((predictions > 0) == (targets > 0)).mean())
 
     train_targets = train[1] if regression else np.where(train[1] > 0, 1.0, -1.0)
@@ -68,13 +63,6 @@ def probe(train: Tuple[np.ndarray, np.ndarray], dev: Tuple[np.ndarray, np.ndarra
     return {"dev": dev_score, "test": score(test[0], test[1], weights), "ridge_strength": strength}
 
 
-def _subsample(examples: Sequence, limit: int, seed: int) -> List:
-    if limit <= 0 or len(examples) <= limit:
-        return list(examples)
-    index = np.random.default_rng(seed).choice(len(examples), limit, replace=False)
-    return [examples[i] for i in sorted(index)]
-
-
 def run_demo(config_path: str, overrides: Sequence[str] = (), probe_train: int = 3000, probe_eval: int = 1000,
              output: str = "") -> Dict:
     from ms_nlp_compress.data.glue import read_sst2, read_stsb
@@ -83,6 +71,7 @@ def run_demo(config_path: str, overrides: Sequence[str] = (), probe_train: int =
     from ms_nlp_compress.models.checkpoint import load_pretrained, pretrained_config
     from ms_nlp_compress.models.nezha import NezhaModel, SentenceEncoder
     from ms_nlp_compress.runtime import setup_runtime
+    from ms_nlp_compress.train.finetune import subsample
 
     config = load_config(config_path, overrides)
     setup_runtime(config.runtime)
@@ -126,7 +115,7 @@ def run_demo(config_path: str, overrides: Sequence[str] = (), probe_train: int =
     chosen = {}
     for task, reader in (("sst2", read_sst2), ("stsb", read_stsb)):
         for split, limit in (("train", probe_train), ("dev", probe_eval), ("test", probe_eval)):
-            chosen[task, split] = _subsample(reader(vader / task / f"{split}.tsv"), limit, seed=len(split))
+            chosen[task, split] = subsample(reader(vader / task / f"{split}.tsv"), limit, seed=len(split))
     # Both tasks are built from the same VADER sentences: encode each distinct sentence once.
     texts = sorted({e.text_a for examples in chosen.values() for e in examples})
     features = run_batched(encoder, tokenizer, texts, batch_size=64, max_length=config.data.max_length,

@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-import mindspore as ms
 from mindspore import Tensor, nn
 
 from ms_nlp_compress import paths
@@ -48,7 +47,7 @@ def load_tokenizer_for(config: ExperimentConfig, model_dir: Optional[Path]):
 
 def subsample(examples, limit: int, seed: int):
     """A seeded random subset in the original order (quick presets); all examples when limit is 0."""
-    if not limit or len(examples) <= limit:
+    if limit <= 0 or len(examples) <= limit:
         return examples
     keep = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
     return [examples[i] for i in keep]
@@ -106,9 +105,10 @@ def build_classifier(config: ExperimentConfig, num_labels: int):
 
 def predict_logits(model: nn.Cell, columns: Dict[str, np.ndarray], batch_size: int) -> np.ndarray:
     """Logits for every row (the last partial batch included), each batch trimmed to its longest row."""
+    from ms_nlp_compress.inference import declare_dynamic_inputs
+
     model.set_train(False)
-    dynamic = Tensor(shape=[None, None], dtype=ms.int32)
-    model.set_inputs(dynamic, dynamic, dynamic)
+    declare_dynamic_inputs(model)
     outputs = []
     size = len(columns["input_ids"])
     for start in range(0, size, batch_size):

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
-import numpy as np
 
 import mindspore as ms
 from mindspore import ParameterTuple, Tensor, nn, ops
@@ -247,10 +246,3 @@ def make_reducer(weights: Sequence, world_size: int, mean: bool = True) -> Optio
     if world_size <= 1:
         return None
     return nn.DistributedGradReducer(ParameterTuple(weights), mean=mean, degree=world_size)
-
-
-def gradients_of(loss_cell: nn.Cell, weights: Sequence, *inputs) -> Sequence[np.ndarray]:
-    """Plain gradients (PyNative-friendly) for tests and diagnostics."""
-    grad_fn = ms.value_and_grad(loss_cell, None, ParameterTuple(weights))
-    _, grads = grad_fn(*inputs)
-    return [g.asnumpy() for g in grads]
