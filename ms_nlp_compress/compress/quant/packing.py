@@ -62,16 +62,25 @@ def _element_count(shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
 
 
-def pack_codes(codes, bits: int, pad_code: int = 0) -> np.ndarray:
-    """Pack unsigned `bits`-wide codes (2, 4 or 8) into uint8, 8/bits per byte, element i at bits*(i % (8/bits))."""
+def _pack_fields(codes, bits: int, pad_code: int, container_bits: int) -> np.ndarray:
+    """Unsigned `bits`-wide codes into int64 containers of `container_bits`, element i at bits*(i % per container).
+
+    The one packing rule behind bytes (8) and collective-friendly int32 words (32); the tail is padded with
+    `pad_code` up to a whole container.
+    """
     _check_bits(bits)
     flat = _as_integer_values("codes", codes, 0, 2 ** bits - 1)
-    per_byte = 8 // bits
-    padding = (-flat.size) % per_byte
+    per_container = container_bits // bits
+    padding = (-flat.size) % per_container
     flat = np.concatenate([flat, np.full(padding, pad_code, np.int64)])
-    grouped = flat.reshape(-1, per_byte)  # (bytes, per_byte)
-    shifts = bits * np.arange(per_byte, dtype=np.int64)
-    return np.bitwise_or.reduce(grouped << shifts, axis=1).astype(np.uint8)
+    grouped = flat.reshape(-1, per_container)  # (containers, per_container)
+    shifts = bits * np.arange(per_container, dtype=np.int64)
+    return np.bitwise_or.reduce(grouped << shifts, axis=1)  # in [0, 2^container_bits)
+
+
+def pack_codes(codes, bits: int, pad_code: int = 0) -> np.ndarray:
+    """Pack unsigned `bits`-wide codes (2, 4 or 8) into uint8, 8/bits per byte, element i at bits*(i % (8/bits))."""
+    return _pack_fields(codes, bits, pad_code, 8).astype(np.uint8)
 
 
 def unpack_codes(packed, bits: int, count: int) -> np.ndarray:
@@ -125,15 +134,7 @@ def unpack_int8(packed, shape: Sequence[int]) -> np.ndarray:
 
 def pack_codes_to_int32(codes, bits: int, pad_code: int = 0) -> np.ndarray:
     """Pack unsigned `bits`-wide codes 32/bits per int32 word, element i at bits*(i % (32/bits))."""
-    _check_bits(bits)
-    flat = _as_integer_values("codes", codes, 0, 2 ** bits - 1)
-    per_word = 32 // bits
-    padding = (-flat.size) % per_word
-    flat = np.concatenate([flat, np.full(padding, pad_code, np.int64)])
-    grouped = flat.reshape(-1, per_word)  # (words, per_word)
-    shifts = bits * np.arange(per_word, dtype=np.int64)
-    words = np.bitwise_or.reduce(grouped << shifts, axis=1)  # in [0, 2^32)
-    return words.astype(np.uint32).view(np.int32)
+    return _pack_fields(codes, bits, pad_code, 32).astype(np.uint32).view(np.int32)
 
 
 def unpack_int32_to_codes(words, bits: int, count: int) -> np.ndarray:
