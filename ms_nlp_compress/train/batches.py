@@ -7,13 +7,34 @@ single process with `batch_size * world_size` would see, which is what makes the
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Sequence, Tuple
+from typing import Dict, Iterator, Protocol, Sequence, Tuple, runtime_checkable
 
 import numpy as np
 
 from ms_nlp_compress.errors import ConfigError
 
 SEQUENCE_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the Trainer reads batches from: in-memory (`ArrayBatches`) or streamed from disk shards.
+
+    Contract: `epoch(e, start)` yields (batch index, this rank's arrays in `order`) for batch indices start, start+1,
+    ... of epoch e, and is a pure function of (seed, e, index), so a resumed run regenerates exactly the batches an
+    uninterrupted run would have seen next. `__len__` is batches per epoch, the same on every rank.
+    `dynamic_padding` says whether batches are trimmed to their longest row (one dynamic-shape graph);
+    `column_layout()` gives, per column in `order`, (numpy dtype, shape of one row), for declaring those inputs.
+    """
+
+    order: Tuple[str, ...]
+    dynamic_padding: bool
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Tuple[int, Tuple[np.ndarray, ...]]]: ...
+
+    def column_layout(self) -> Sequence[Tuple[np.dtype, Tuple[int, ...]]]: ...
 
 
 class ArrayBatches:
@@ -47,6 +68,9 @@ class ArrayBatches:
         """Batches per epoch (the same on every rank)."""
         global_batch = self.batch_size * self.world_size
         return self.size // global_batch if self.drop_last else -(-self.size // global_batch)
+
+    def column_layout(self) -> Sequence[Tuple[np.dtype, Tuple[int, ...]]]:
+        return [(self.columns[name].dtype, tuple(self.columns[name].shape[1:])) for name in self.order]
 
     def permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:

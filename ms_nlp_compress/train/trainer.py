@@ -20,7 +20,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ms_nlp_compress.config import ExperimentConfig, TrainConfig
-from ms_nlp_compress.train.batches import ArrayBatches
+from ms_nlp_compress.train.batches import BatchSource
 from ms_nlp_compress.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from ms_nlp_compress.train.optim import build_optimizer
 from ms_nlp_compress.train.schedules import WarmupSchedule
@@ -57,12 +57,13 @@ def start_run(config: ExperimentConfig):
     return rank, world_size, output_dir
 
 
-def _dynamic_spec(column: np.ndarray) -> Tensor:
-    """A shape-free input declaration for one batch column (first two axes dynamic)."""
-    dtype = {np.dtype(np.int32): ms.int32, np.dtype(np.float32): ms.float32}.get(column.dtype)
-    if dtype is None:
-        raise TypeError(f"batch column dtype {column.dtype} is not int32 or float32")
-    return Tensor(shape=[None] * min(column.ndim, 2) + list(column.shape[2:]), dtype=dtype)
+def _dynamic_spec(dtype: np.dtype, row_shape) -> Tensor:
+    """A shape-free input declaration for one batch column (batch axis and the first row axis dynamic)."""
+    ms_dtype = {np.dtype(np.int32): ms.int32, np.dtype(np.float32): ms.float32}.get(np.dtype(dtype))
+    if ms_dtype is None:
+        raise TypeError(f"batch column dtype {dtype} is not int32 or float32")
+    shape = (None,) + tuple(row_shape)
+    return Tensor(shape=[None] * min(len(shape), 2) + list(shape[2:]), dtype=ms_dtype)
 
 
 def total_updates(train: TrainConfig, batches_per_epoch: int) -> int:
@@ -84,7 +85,7 @@ class Trainer:
         rank, world_size: data-parallel position; only rank 0 writes files.
     """
 
-    def __init__(self, config: ExperimentConfig, model: nn.Cell, loss_cell: nn.Cell, batches: ArrayBatches,
+    def __init__(self, config: ExperimentConfig, model: nn.Cell, loss_cell: nn.Cell, batches: BatchSource,
                  output_dir: Path, trainable: Optional[List] = None,
                  evaluate: Optional[Callable[[], Dict[str, float]]] = None, metric: Optional[str] = None,
                  on_best: Optional[Callable[[Dict[str, float], int], None]] = None, rank: int = 0,
@@ -116,7 +117,7 @@ class Trainer:
         self.step = TrainStep(loss_cell, self.optimizer, self.scaler, self.train.gradient_accumulation,
                               self.train.max_grad_norm, make_reducer(weights, world_size))
         if batches.dynamic_padding:
-            self.step.set_dynamic_inputs([_dynamic_spec(batches.columns[name]) for name in batches.order])
+            self.step.set_dynamic_inputs([_dynamic_spec(dtype, shape) for dtype, shape in batches.column_layout()])
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.state = {"epoch": 0, "next_batch": 0, "updates": 0, "best_metric": None, "best_step": None,
