@@ -81,3 +81,24 @@ def explicit_mapping(teacher_layers: Sequence[int], num_student_layers: int, num
             raise ConfigError(f"layer mapping entry for student layer {position} is {layer}, outside the teacher's "
                               f"layers 1..{num_teacher_layers}")
     return LayerMapping((0, *layers), num_teacher_layers)
+
+
+def depth_mapping(depth_multiplier: float, num_teacher_layers: int) -> LayerMapping:
+    """DynaBERT's depth rule as a mapping: a sub-network of round(T * d) layers; student hidden state j is matched
+    with teacher hidden state floor(j / d) (j = 0 is the embeddings, the last student state meets teacher layer T).
+
+    d = 0.5 on 12 layers: 0, 2, 4, ..., 12; d = 0.75: 0, 1, 2, 4, 5, 6, 8, 9, 10, 12. The multiplier is read as
+    the fraction depth / T (0.75 of 12 is exactly 9/12), so floating-point error never moves a floor.
+    """
+    from fractions import Fraction
+
+    _check_layer_count("num_teacher_layers", num_teacher_layers)
+    if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, (int, float)) \
+            or not 0 < depth_multiplier <= 1:
+        raise ConfigError(f"depth multiplier must be in (0, 1], got {depth_multiplier!r}")
+    depth = round(num_teacher_layers * depth_multiplier)
+    if depth < 1:
+        raise ConfigError(f"depth multiplier {depth_multiplier} keeps no layer of a {num_teacher_layers}-layer "
+                          "teacher")
+    ratio = Fraction(depth, num_teacher_layers)  # d as an exact fraction
+    return LayerMapping(tuple(int(Fraction(j) / ratio) for j in range(depth + 1)), num_teacher_layers)

@@ -160,8 +160,7 @@ def build_student(distill: DistillConfig, teacher_config: NezhaConfig, num_label
     `teacher_weights` (named numpy arrays) are needed for `student_init: teacher_layers`; `resolve` maps a config
     path string to a Path (the commands pass one that understands `cache:`).
     """
-    from ms_nlp_compress.models.checkpoint import load_pretrained, pretrained_config, saved_architecture
-    from ms_nlp_compress.models.checkpoint import load_weights
+    from ms_nlp_compress.models.checkpoint import load_pretrained, load_weights, pretrained_config, saved_architecture
 
     pretrained = resolve(distill.student_init_path) if distill.student_init == "pretrained" else None
     saved = pretrained_config(pretrained) if pretrained is not None else None
@@ -169,24 +168,26 @@ def build_student(distill: DistillConfig, teacher_config: NezhaConfig, num_label
     mapping = distill.check_models(teacher_config, config)
     hidden, attentions = distill.uses_hidden(), distill.attention_weight > 0
     cell = make_student_cell(config, num_labels, hidden, attentions)
+    backbone = cell.bert if num_labels is not None else cell.backbone
     if distill.student_init == "pretrained":
-        model = cell if num_labels is not None else cell.backbone
         if num_labels is not None and saved_architecture(pretrained) == type(cell).__name__:
-            load_pretrained(model, pretrained)  # a stage-1 student: its head too
-        else:
-            load_pretrained(model.bert if num_labels is not None else model, pretrained)
+            load_pretrained(cell, pretrained)  # a stage-1 student: its head too
+        else:  # a general-distilled backbone: the task head (and a pooler it never had) start fresh
+            report = load_pretrained(backbone, pretrained, strict=False)
+            problems = [name for name in report.missing if not name.startswith("pooler.")]
+            if problems or report.mismatched or report.unexpected:
+                raise CheckpointError(f"distill.student_init_path: {pretrained} does not fit the student:\n"
+                                      + report.describe())
     elif distill.student_init == "teacher_layers":
         if teacher_weights is None:
             raise ConfigError("distill.student_init: teacher_layers needs the teacher's weights")
-        model = cell if num_labels is not None else cell.backbone
         layers = distill.init_layers(mapping)
-        copy_head = num_labels is not None and "classifier.weight" in teacher_weights and \
+        # The teacher's task head is copied too when it has the same labels (its input axis sliced like the rest).
+        with_head = num_labels is not None and "classifier.weight" in teacher_weights and \
             teacher_weights["classifier.weight"].shape[0] == num_labels
-        sliced = weights_from_teacher_layers(teacher_weights, teacher_config,
-                                             model if copy_head else (model.bert if num_labels else model),
-                                             config, layers)
-        load_weights(model if copy_head else (model.bert if num_labels else model), sliced,
-                     source="teacher layers " + ",".join(str(layer) for layer in layers))
+        target = cell if with_head else backbone
+        sliced = weights_from_teacher_layers(teacher_weights, teacher_config, target, config, layers)
+        load_weights(target, sliced, source="teacher layers " + ",".join(str(layer) for layer in layers))
     return cell, config
 
 
