@@ -22,12 +22,37 @@ _SITE = 0x27D4EB2F
 _COUNTER = 0x165667B1
 
 _seed = 0
+_RANK = 0x61C88647  # another odd constant: (seed, rank) pairs map to distinct stream seeds
 
 
-def set_dropout_seed(seed: int) -> None:
-    """The base seed baked into dropout cells built after this call (the trainer passes seed + rank)."""
+def _mix32_host(x: int) -> int:
+    """murmur3's fmix32 on a Python int (the host twin of `mix32`)."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def stream_seed(seed: int, rank: int = 0) -> int:
+    """The 31-bit base of every random stream of one process: a hash of (run seed, data-parallel rank).
+
+    Hashing (rather than seed + rank) keeps (seed 42, rank 1) and (seed 43, rank 0) apart: ranks must draw
+    independent dropout masks and stochastic-rounding noise, or their errors correlate and do not average out.
+    """
+    return _mix32_host(_mix32_host(int(seed) & 0xFFFFFFFF) ^ ((int(rank) * _RANK) & 0xFFFFFFFF)) & 0x7FFFFFFF
+
+
+def set_dropout_seed(seed: int, rank: int = 0) -> None:
+    """The stream base baked into random cells (dropout, `RandomStream`) built after this call; the trainer passes
+    the run seed and this process's rank."""
     global _seed
-    _seed = int(seed) & 0x7FFFFFFF
+    _seed = stream_seed(seed, rank)
+
+
+def current_stream_seed() -> int:
+    return _seed
 
 
 def _logical_shift(x, bits: int):
@@ -52,6 +77,24 @@ def uniform_from_counter(shape, key):
     index = ops.arange(count, dtype=ms.int32).reshape(shape)
     bits = mix32(index * _GOLDEN + key)
     return ops.bitwise_and(bits, 0xFFFFFF).astype(ms.float32) * (1.0 / 16777216.0)  # 24 random bits
+
+
+class RandomStream(nn.Cell):
+    """A resumable stream of uniform [0, 1) tensors for one random site (stochastic rounding, sampling, ...).
+
+    Draw k is a pure function of (stream seed = hash(run seed, rank), site, k): the counter is a non-trainable
+    Parameter, so it is checkpointed with the model and a resumed run continues the same stream; ranks differ
+    because the stream seed hashes the rank. `construct(shape)` returns a fresh draw of that shape each call.
+    """
+
+    def __init__(self, site: int):
+        super().__init__()
+        self.site_key = (_seed * _COUNTER + int(site) * _SITE) & 0x7FFFFFFF
+        self.rng_counter = Parameter(Tensor(0, ms.int32), name="rng_counter", requires_grad=False)
+
+    def construct(self, shape):
+        counter = ops.assign_add(self.rng_counter, Tensor(1, ms.int32))
+        return uniform_from_counter(shape, mix32(counter * _COUNTER + self.site_key))
 
 
 class StatelessDropout(nn.Cell):

@@ -21,21 +21,11 @@ import numpy as np
 
 from mindspore import Tensor, nn
 
+from ms_nlp_compress.atomic import fsync_dir as _fsync_dir, write_text_atomic
 from ms_nlp_compress.errors import CheckpointError
 from ms_nlp_compress.models.checkpoint import read_safetensors, write_safetensors
 
 LATEST = "LATEST"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def named_state(cells: Sequence[nn.Cell], exclude: Sequence[str] = ()) -> Dict[str, np.ndarray]:
@@ -85,12 +75,19 @@ def save_checkpoint(root: Path, name: str, model: nn.Cell, optimizer_cells: Sequ
     (staging / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
     _fsync_dir(staging)
     if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    pointer = root / (LATEST + ".tmp")
-    pointer.write_text(name, encoding="utf-8")
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+        # Never delete the only complete copy first: move the old one aside, put the new one in place, and only
+        # then drop the old one. LATEST may name `final` throughout; a kill in between leaves `.retired-*`, which
+        # `latest_checkpoint` falls back to.
+        retired = root / f".retired-{name}"
+        if retired.exists():
+            shutil.rmtree(retired)
+        os.replace(final, retired)
+        os.replace(staging, final)
+        _fsync_dir(root)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    write_text_atomic(root / LATEST, name)
     _prune(root, keep)
     return final
 
@@ -101,7 +98,7 @@ def _prune(root: Path, keep: int) -> None:
     for old in complete[:-keep]:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
-    for partial in root.glob(".partial-*"):
+    for partial in list(root.glob(".partial-*")) + list(root.glob(".retired-*")):
         shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -109,8 +106,13 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text(encoding="utf-8").strip()
+    name = pointer.read_text(encoding="utf-8").strip()
+    path = root / name
     if not (path / "state.json").is_file():
+        retired = root / f".retired-{name}"
+        if (retired / "state.json").is_file():  # killed while replacing a checkpoint of the same name
+            os.replace(retired, path)
+            return path
         raise CheckpointError(f"{pointer}: names {path.name}, which is incomplete or missing")
     return path
 

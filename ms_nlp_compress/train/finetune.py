@@ -16,6 +16,7 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ms_nlp_compress import paths
+from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.config import ExperimentConfig, NezhaConfig
 from ms_nlp_compress.errors import ConfigError, DataError, MsncError
 
@@ -182,7 +183,7 @@ def run_finetune(config: ExperimentConfig, resume: bool = True, log=print) -> Di
             if test_examples and test_examples[0].label is not None:
                 test_columns = encode(test_examples, tokenizer, config.data.max_length, task.is_regression)
                 report["test"] = evaluate_classifier(best, test_columns, task, config.data.eval_batch_size)
-        (output_dir / "results.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_text_atomic(output_dir / "results.json", json.dumps(report, indent=2))
     return report
 
 

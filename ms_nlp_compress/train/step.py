@@ -13,8 +13,8 @@ skip decision is the same on every rank (the flag is computed after the all-redu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
 
 
 import mindspore as ms
@@ -71,12 +71,26 @@ def resolve_loss_scale_mode(configured: str, precision: str) -> str:
     return configured
 
 
+def component_names(loss_cell: nn.Cell) -> Tuple[str, ...]:
+    """The names of the extra scalars a loss cell returns beside its loss (empty for a plain scalar loss).
+
+    A loss cell that sets `component_names = ("hidden", "attention", ...)` returns `(loss, (c1, c2, ...))`: only
+    `loss` is differentiated, the components are logged (metrics.jsonl, progress bar).
+    """
+    names = getattr(loss_cell, "component_names", None) or ()
+    return tuple(str(name) for name in names)
+
+
 class _ScaledLoss(nn.Cell):
     def __init__(self, loss_cell: nn.Cell):
         super().__init__(auto_prefix=False)
         self.loss_cell = loss_cell
+        self.has_components = bool(component_names(loss_cell))
 
     def construct(self, scale, *inputs):
+        if self.has_components:
+            loss, components = self.loss_cell(*inputs)
+            return loss.astype(ms.float32) * scale, components
         return self.loss_cell(*inputs).astype(ms.float32) * scale
 
 
@@ -120,7 +134,7 @@ class FinishGradients(nn.Cell):
 
 
 class GradientCell(nn.Cell):
-    """Compiled: (loss, gradients, finite flag, global norm) for one micro-batch.
+    """Compiled: (loss, components, gradients, finite flag, global norm) for one micro-batch.
 
     With `finalize=True` the gradients are also reduced across ranks, unscaled, checked and clipped; with
     accumulation the micro-batches skip that and `AccumulationCell` finalizes the sum once per update.
@@ -130,18 +144,24 @@ class GradientCell(nn.Cell):
                  max_grad_norm: Optional[float], finalize: bool = True):
         super().__init__(auto_prefix=False)
         self.scaled_loss = _ScaledLoss(loss_cell)
+        self.has_components = self.scaled_loss.has_components
         self.weights = weights
-        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, weights)
+        # has_aux: only the first output (the scaled loss) is differentiated; components ride along.
+        self.grad_fn = ms.value_and_grad(self.scaled_loss, None, weights, has_aux=self.has_components)
         self.finish = FinishGradients(reducer, max_grad_norm)
         self.finalize = finalize
 
     def construct(self, scale, *inputs):
-        scaled_loss, grads = self.grad_fn(scale, *inputs)
+        components = ()
+        if self.has_components:
+            (scaled_loss, components), grads = self.grad_fn(scale, *inputs)
+        else:
+            scaled_loss, grads = self.grad_fn(scale, *inputs)
         loss = scaled_loss / scale
         if not self.finalize:
-            return loss, grads, Tensor(True, ms.bool_), Tensor(0.0, ms.float32)
+            return loss, components, grads, Tensor(True, ms.bool_), Tensor(0.0, ms.float32)
         unscaled, finite, norm = self.finish(grads, scale)
-        return loss, unscaled, finite, norm
+        return loss, components, unscaled, finite, norm
 
 
 class AccumulationCell(nn.Cell):
@@ -181,18 +201,21 @@ class StepResult:
     boundary: bool  # the micro-batch closed an accumulation cycle (applied or skipped)
     grad_norm: Optional[float]
     loss_scale: float
+    components: Dict[str, float] = field(default_factory=dict)  # the loss cell's named extra scalars
 
 
 class TrainStep:
     """Call with one micro-batch (input tensors in the loss cell's order); updates every `accumulation` calls.
 
     Args:
-        loss_cell: Cell mapping the batch tensors to a scalar loss (fine-tuning, MLM, distillation, ...).
+        loss_cell: Cell mapping the batch tensors to a scalar loss (fine-tuning, MLM, distillation, ...), or to
+            `(loss, components)` when it declares `component_names` (see `component_names`).
         optimizer: an `nn.Optimizer` over the weights to train (its `parameters` are differentiated).
         scaler: the LossScaler.
         accumulation: micro-batches per update; the update uses their mean gradient.
         max_grad_norm: global-norm clip, or None.
-        reducer: `nn.DistributedGradReducer` for data parallel (mean over ranks), or None.
+        reducer: a Cell mapping the gradient tuple to its mean over data-parallel ranks
+            (`nn.DistributedGradReducer`, or a compressed exchange), or None.
     """
 
     def __init__(self, loss_cell: nn.Cell, optimizer: nn.Optimizer, scaler: Optional[LossScaler] = None,
@@ -203,12 +226,13 @@ class TrainStep:
         self.optimizer = optimizer
         self.scaler = scaler or LossScaler("none")
         self.accumulation = accumulation
+        self.component_names = component_names(loss_cell)
         self.weights = ParameterTuple(optimizer.parameters)
         self.gradient_cell = GradientCell(loss_cell, self.weights, reducer, max_grad_norm,
                                           finalize=accumulation == 1)
         self.accumulator = (AccumulationCell(self.weights, accumulation, reducer, max_grad_norm)
                             if accumulation > 1 else None)
-        self.micro_step = 0  # position inside the accumulation cycle
+        self.micro_step = 0  # position inside the accumulation cycle (saved with checkpoints: see state_dict)
 
     def set_train(self, mode: bool = True) -> None:
         self.loss_cell.set_train(mode)
@@ -217,14 +241,30 @@ class TrainStep:
         """Declare dynamic input shapes (e.g. Tensor(shape=[None, None], dtype=ms.int32)): one compile for all."""
         self.gradient_cell.set_inputs(Tensor(shape=[], dtype=ms.float32), *input_specs)
 
+    def state_dict(self) -> Dict:
+        """Host-side step state a checkpoint must carry besides Parameters (the accumulation buffers are
+        Parameters of `accumulator` and are saved with the optimizer state)."""
+        return {"micro_step": self.micro_step}
+
+    def load_state_dict(self, state: Dict) -> None:
+        micro_step = int(state.get("micro_step", 0))
+        if not 0 <= micro_step < self.accumulation:
+            raise ConfigError(f"checkpoint is {micro_step} micro-batches into an accumulation cycle, but "
+                              f"train.gradient_accumulation is {self.accumulation}: resume with the same value")
+        self.micro_step = micro_step
+
+    def _components(self, values) -> Dict[str, float]:
+        return {name: float(value.asnumpy()) for name, value in zip(self.component_names, values)}
+
     def __call__(self, *inputs) -> StepResult:
         scale = Tensor(self.scaler.scale, ms.float32)
-        loss, grads, finite, norm = self.gradient_cell(scale, *inputs)
+        loss, components, grads, finite, norm = self.gradient_cell(scale, *inputs)
+        components = self._components(components)
         if self.accumulator is not None:
             self.accumulator.add(grads)
             self.micro_step += 1
             if self.micro_step < self.accumulation:
-                return StepResult(float(loss.asnumpy()), False, False, None, self.scaler.scale)
+                return StepResult(float(loss.asnumpy()), False, False, None, self.scaler.scale, components)
             grads, finite, norm = self.accumulator.finalize(scale)
         self.micro_step = 0
         is_finite = bool(finite.asnumpy())
@@ -238,7 +278,8 @@ class TrainStep:
         if self.accumulator is not None:
             self.accumulator.reset()
         self.scaler.update(is_finite)
-        return StepResult(float(loss.asnumpy()), is_finite, True, float(norm.asnumpy()), self.scaler.scale)
+        return StepResult(float(loss.asnumpy()), is_finite, True, float(norm.asnumpy()), self.scaler.scale,
+                          components)
 
 
 def make_reducer(weights: Sequence, world_size: int, mean: bool = True) -> Optional[nn.Cell]:

@@ -12,13 +12,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.config import ExperimentConfig, TrainConfig
 from ms_nlp_compress.train.batches import BatchSource
 from ms_nlp_compress.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -49,7 +50,7 @@ def start_run(config: ExperimentConfig):
 
     setup_runtime(config.runtime)
     rank, world_size = init_data_parallel(config.parallel, config.runtime)
-    set_dropout_seed(config.runtime.seed + rank)  # ranks draw different dropout masks
+    set_dropout_seed(config.runtime.seed, rank)  # per-rank, resumable streams: dropout masks, rounding noise
     output_dir = Path(config.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -75,24 +76,37 @@ def total_updates(train: TrainConfig, batches_per_epoch: int) -> int:
 class Trainer:
     """Args:
         config: the experiment config (train, runtime, parallel sections are read).
-        model: the Cell whose Parameters are checkpointed (e.g. the classifier, or a distillation wrapper).
-        loss_cell: maps one batch (in `batches.order`) to a scalar loss.
-        batches: this rank's training batches.
-        trainable: the Parameters to optimise (default: model.trainable_params()).
+        model: the Cell whose Parameters are checkpointed (e.g. the classifier), unless `checkpoint_cells` is given.
+        loss_cell: maps one batch (in `batches.order`) to a scalar loss, or to `(loss, components)` when it declares
+            `component_names` (the components are logged to metrics.jsonl and the progress bar).
+        batches: this rank's training batches (any `BatchSource`).
+        trainable: the Parameters to optimise (default: the trainable Parameters of the checkpointed cells).
         evaluate: () -> metrics dict, run every `train.eval_every` updates (or each epoch).
         metric: the key of `evaluate`'s dict that selects the best model (higher is better).
         on_best: called with (metrics, update) when the metric improves (e.g. to save a model directory).
         rank, world_size: data-parallel position; only rank 0 writes files.
+        optimizer: an injected optimizer over `trainable` (default: built from `train.optimizer`); its state is
+            checkpointed whatever it is (LAT reads Adam's second moment, for example).
+        reducer: an injected gradient reducer Cell (grads tuple -> mean over ranks), e.g. a compressed exchange
+            (default: MindSpore's all-reduce when world_size > 1); a Cell with Parameters (error feedback) is
+            checkpointed too.
+        checkpoint_cells: the cells whose Parameters make up the model part of a checkpoint (default: [model]);
+            a distillation run passes the student and its projections, never the frozen teacher.
     """
 
     def __init__(self, config: ExperimentConfig, model: nn.Cell, loss_cell: nn.Cell, batches: BatchSource,
                  output_dir: Path, trainable: Optional[List] = None,
                  evaluate: Optional[Callable[[], Dict[str, float]]] = None, metric: Optional[str] = None,
                  on_best: Optional[Callable[[Dict[str, float], int], None]] = None, rank: int = 0,
-                 world_size: int = 1, log: Callable[[str], None] = print):
+                 world_size: int = 1, log: Callable[[str], None] = print, optimizer: Optional[nn.Optimizer] = None,
+                 reducer: Optional[nn.Cell] = None, checkpoint_cells: Optional[Sequence[nn.Cell]] = None):
+        if not isinstance(batches, BatchSource):
+            raise TypeError(f"batches must implement BatchSource (order, dynamic_padding, __len__, epoch, "
+                            f"column_layout); got {type(batches).__name__}")
         self.config = config
         self.train = config.train
         self.model = model
+        self.checkpoint_cells = list(checkpoint_cells) if checkpoint_cells is not None else None
         self.batches = batches
         self.output_dir = Path(output_dir)
         self.evaluate = evaluate
@@ -105,17 +119,32 @@ class Trainer:
         warmup = int(self.train.warmup_ratio * self.updates_total)
         self.schedule = WarmupSchedule(self.train.learning_rate, self.updates_total, warmup,
                                        kind=self.train.schedule)
-        weights = trainable if trainable is not None else model.trainable_params()
-        self.optimizer = build_optimizer(self.train.optimizer, weights, self.schedule,
-                                         weight_decay=self.train.weight_decay, eps=self.train.adam_epsilon)
+        if trainable is not None:
+            weights = list(trainable)
+        else:
+            weights, seen = [], set()
+            for cell in self.checkpoint_cells or [model]:
+                for param in cell.trainable_params():
+                    if param.name not in seen:
+                        seen.add(param.name)
+                        weights.append(param)
+        if optimizer is None:
+            optimizer = build_optimizer(self.train.optimizer, weights, self.schedule,
+                                        weight_decay=self.train.weight_decay, eps=self.train.adam_epsilon)
+        self.optimizer = optimizer
         from ms_nlp_compress.runtime import apply_precision
 
-        apply_precision(model, config.runtime.precision)  # in place: loss_cell wraps this same model
+        # amp returns the network to run (O1 rewrites, O2/O3 wrap); its Parameters are the model's own fp32 masters.
+        loss_cell = apply_precision(loss_cell, config.runtime.precision)
+        self.loss_cell = loss_cell
         mode = resolve_loss_scale_mode(self.train.loss_scale, config.runtime.precision)
         self.scaler = LossScaler(mode, self.train.loss_scale_value, self.train.loss_scale_factor,
                                  self.train.loss_scale_window)
+        if reducer is None:
+            reducer = make_reducer(list(optimizer.parameters), world_size, mean=config.parallel.gradients_mean)
+        self.reducer = reducer
         self.step = TrainStep(loss_cell, self.optimizer, self.scaler, self.train.gradient_accumulation,
-                              self.train.max_grad_norm, make_reducer(weights, world_size))
+                              self.train.max_grad_norm, reducer)
         if batches.dynamic_padding:
             self.step.set_dynamic_inputs([_dynamic_spec(dtype, shape) for dtype, shape in batches.column_layout()])
         self.checkpoint_dir = self.output_dir / "checkpoints"
@@ -124,10 +153,21 @@ class Trainer:
                       "last_eval": {}}
 
     # ----------------------------------------------------------------------------------------------------------
+    def _checkpoint_model(self) -> nn.Cell:
+        if self.checkpoint_cells is None:
+            return self.model
+        if len(self.checkpoint_cells) == 1:
+            return self.checkpoint_cells[0]
+        return nn.CellList(self.checkpoint_cells, auto_prefix=False)
+
     def _optimizer_cells(self):
+        """Everything besides the model that a resume needs: optimizer moments and counters, accumulation buffers,
+        and the reducer's own state (e.g. error-feedback residuals)."""
         cells = [self.optimizer]
         if self.step.accumulator is not None:
             cells.append(self.step.accumulator)
+        if isinstance(self.reducer, nn.Cell) and list(self.reducer.get_parameters()):
+            cells.append(self.reducer)
         return cells
 
     def _write_metrics(self, record: Dict) -> None:
@@ -140,24 +180,42 @@ class Trainer:
     def _save(self) -> None:
         if self.rank != 0:
             return
-        state = dict(self.state, scaler=self.scaler.state_dict(), seed=self.config.runtime.seed,
-                     world_size=self.world_size, updates_total=self.updates_total)
-        save_checkpoint(self.checkpoint_dir, f"step-{self.state['updates']:07d}", self.model,
+        state = dict(self.state, scaler=self.scaler.state_dict(), step=self.step.state_dict(),
+                     seed=self.config.runtime.seed, world_size=self.world_size, updates_total=self.updates_total)
+        save_checkpoint(self.checkpoint_dir, f"step-{self.state['updates']:07d}", self._checkpoint_model(),
                         self._optimizer_cells(), state, self.train.keep_checkpoints)
 
     def resume(self) -> Optional[str]:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return None
-        state = load_checkpoint(path, self.model, self._optimizer_cells())
+        state = load_checkpoint(path, self._checkpoint_model(), self._optimizer_cells())
         self.scaler.load_state_dict(state.pop("scaler"))
+        self.step.load_state_dict(state.pop("step", {}))
         if state.get("world_size", 1) != self.world_size:
             self.log(f"warning: {path} was written with {state.get('world_size')} ranks, resuming with "
                      f"{self.world_size}: the data order differs from an uninterrupted run")
         self.state.update({key: state[key] for key in self.state if key in state})
+        self._truncate_metrics(self.state["updates"])
         self.log(f"resumed from {path} (update {self.state['updates']}, epoch {self.state['epoch']}, "
                  f"batch {self.state['next_batch']})")
         return str(path)
+
+    def _truncate_metrics(self, updates: int) -> None:
+        """Drop metrics.jsonl records written after the checkpoint we resume from: the resumed run writes them again,
+        so the log reads as one uninterrupted run (no repeated updates). A torn last line (kill -9 mid-write) goes
+        too."""
+        if self.rank != 0 or not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("update", 0) <= updates:
+                kept.append(line)
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def _run_evaluation(self) -> None:
         if self.evaluate is None:
@@ -190,26 +248,32 @@ class Trainer:
                         desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
         done_here = 0
         losses: List[float] = []
+        component_sums: Dict[str, List[float]] = {}
         while self.state["updates"] < self.updates_total:
             epoch = self.state["epoch"]
             for index, arrays in self.batches.epoch(epoch, self.state["next_batch"]):
                 result = self.step(*[Tensor(a) for a in arrays])
                 losses.append(result.loss)
+                for name, value in result.components.items():
+                    component_sums.setdefault(name, []).append(value)
                 if not result.boundary:
                     continue
                 self.state["updates"] += 1
                 self.state["next_batch"] = index + 1
                 done_here += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{result.loss:.4f}", scale=f"{result.loss_scale:g}")
+                progress.set_postfix(loss=f"{result.loss:.4f}", scale=f"{result.loss_scale:g}",
+                                     **{name: f"{value:.4f}" for name, value in result.components.items()})
                 updates = self.state["updates"]
                 if updates % self.train.log_every == 0 or updates == self.updates_total:
-                    self._write_metrics({"type": "train", "update": updates, "epoch": epoch,
-                                         "loss": float(np.mean(losses)), "lr": self.schedule.lr_at(updates - 1),
-                                         "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
-                                         "skipped": not result.applied,
-                                         "seconds": round(time.perf_counter() - started, 3)})
+                    record = {"type": "train", "update": updates, "epoch": epoch,
+                              "loss": float(np.mean(losses)), "lr": self.schedule.lr_at(updates - 1),
+                              "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
+                              "skipped": not result.applied, "seconds": round(time.perf_counter() - started, 3)}
+                    record.update({f"loss_{name}": float(np.mean(values)) for name, values in component_sums.items()})
+                    self._write_metrics(record)
                     losses = []
+                    component_sums = {}
                 if self.train.eval_every and updates % self.train.eval_every == 0:
                     self._run_evaluation()
                 finished = updates >= self.updates_total
