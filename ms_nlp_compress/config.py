@@ -163,8 +163,19 @@ class DataConfig:
     skip_malformed: bool = False
     train_limit: int = 0  # use a seeded random subset of this many training examples (0: all); quick presets
     eval_limit: int = 0  # likewise for dev and test
+    # Training batches from RAM or from tokenized shards on disk (data/streaming.py): memory | disk | auto (disk
+    # when the padded arrays would pass 512 MiB, ~350k rows at max_length 128).
+    stream: str = "auto"
+    shard_rows: int = 8192  # rows per shard file
+    shuffle_shards: int = 16  # shards shuffled together per window when streaming; 0: all (the in-memory order)
+    shard_dir: Optional[str] = None  # where shards are built and reused; None: <output_dir>/shards
 
     def validate(self, prefix: str = "data") -> None:
+        _check(self.stream in ("auto", "memory", "disk"), f"{prefix}.stream",
+               f"must be auto, memory or disk, got {self.stream!r}")
+        _check(self.shard_rows >= 1, f"{prefix}.shard_rows", f"must be >= 1, got {self.shard_rows}")
+        _check(self.shuffle_shards >= 0, f"{prefix}.shuffle_shards",
+               f"must be >= 0 (0: all shards in one window), got {self.shuffle_shards}")
         _check(self.train_limit >= 0, f"{prefix}.train_limit", "must be >= 0 (0 means all)")
         _check(self.eval_limit >= 0, f"{prefix}.eval_limit", "must be >= 0 (0 means all)")
         _check(self.max_length >= 2, f"{prefix}.max_length", f"must be >= 2 ([CLS] and [SEP]), got {self.max_length}")

@@ -1,4 +1,4 @@
-"""`msnc data fetch` and `msnc data convert`.
+"""`msnc data fetch`, `msnc data convert` and `msnc data shards`.
 
 Heavy imports (MindSpore, tokenizers) happen inside the commands so that `msnc --help` and `msnc data fetch` start
 fast.
@@ -8,7 +8,7 @@ import time
 
 
 def add_parser(subparsers) -> None:
-    data = subparsers.add_parser("data", help="fetch demo assets, convert TSV files to MindRecord")
+    data = subparsers.add_parser("data", help="fetch demo assets, convert TSV files to MindRecord or shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
     fetch = data_sub.add_parser(
@@ -37,6 +37,29 @@ def add_parser(subparsers) -> None:
     case.add_argument("--no-lowercase", dest="lowercase", action="store_false")
     convert.set_defaults(func=run_convert)
 
+    shards = data_sub.add_parser(
+        "shards", help="tokenize a task TSV or a one-sentence-per-line file into shards for streaming",
+        description="Tokenize with the tokenizer's batch API into shards of unpadded rows (npz + manifest.json) "
+                    "that training streams with bounded memory (data.stream: disk). Without --task the input is "
+                    "one sentence per line (blank lines skipped) and word ids are kept for whole-word masking.")
+    shards.add_argument("--input", required=True, help="task TSV (with --task) or a one-sentence-per-line file")
+    shards.add_argument("--task", default=None, help="the TSV's task (sst2, mnli, ...); omit for sentence lines")
+    shards.add_argument("--vocab", required=True, help="WordPiece vocab.txt, or a SentencePiece .model")
+    shards.add_argument("--output", required=True, help="shard directory to write (replaced when complete)")
+    shards.add_argument("--max-length", type=int, default=128)
+    shards.add_argument("--shard-rows", type=int, default=8192, help="rows per shard (default 8192)")
+    shards.add_argument("--skip-malformed", action="store_true",
+                        help="skip and count malformed rows/lines instead of stopping at the first one")
+    words = shards.add_mutually_exclusive_group()
+    words.add_argument("--word-ids", dest="word_ids", action="store_true", default=None,
+                       help="keep word ids (default: yes for sentence lines, no for a task TSV)")
+    words.add_argument("--no-word-ids", dest="word_ids", action="store_false")
+    shard_case = shards.add_mutually_exclusive_group()
+    shard_case.add_argument("--lowercase", dest="lowercase", action="store_true", default=None,
+                            help="lowercase (default: do_lower_case of tokenizer_config.json next to the vocab)")
+    shard_case.add_argument("--no-lowercase", dest="lowercase", action="store_false")
+    shards.set_defaults(func=run_shards)
+
 
 def run_fetch(args: argparse.Namespace) -> int:
     from ms_nlp_compress.data.fetch import DEMO_ASSETS, fetch_demo_assets
@@ -60,5 +83,39 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"wrote {report.examples} examples to {', '.join(str(path) for path in report.files)}"
           + (f"; skipped {report.skipped} malformed rows" if report.skipped else ""))
     for line, reason in report.skipped_lines[:10]:
+        print(f"  skipped {args.input}:{line}: {reason}")
+    return 0
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    from ms_nlp_compress.data.streaming import build_shards_from_lines, build_shards_from_tsv
+    from ms_nlp_compress.data.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(args.vocab, lowercase=args.lowercase, max_length=args.max_length)
+
+    def progress(event: dict) -> None:
+        done = ""
+        if event.get("total_bytes"):
+            done = f", {100 * event['bytes'] / event['total_bytes']:.0f}% of the input"
+        elif event.get("total_rows"):
+            done = f", {100 * event['rows'] / event['total_rows']:.0f}% of the rows"
+        print(f"  shard {event['shards']}: {event['rows']:,} rows{done}, "
+              f"{event['rows'] / max(event['seconds'], 1e-9):,.0f} rows/s", flush=True)
+
+    started = time.perf_counter()
+    if args.task is None:
+        manifest = build_shards_from_lines(args.input, tokenizer, args.output, args.max_length, args.shard_rows,
+                                           word_ids=args.word_ids is not False, skip_malformed=args.skip_malformed,
+                                           progress=progress)
+    else:
+        manifest = build_shards_from_tsv(args.task, args.input, tokenizer, args.output, args.max_length,
+                                         args.shard_rows, word_ids=bool(args.word_ids),
+                                         skip_malformed=args.skip_malformed, progress=progress)
+    size = sum(record["bytes"] for record in manifest["shards"])
+    print(f"wrote {manifest['rows']:,} rows in {len(manifest['shards'])} shards ({size / 2**20:.1f} MiB, "
+          f"{manifest['tokens'] / manifest['rows']:.1f} tokens/row) to {args.output} in "
+          f"{time.perf_counter() - started:.1f} s" + (f"; skipped {manifest['skipped']} malformed rows"
+                                                        if manifest.get("skipped") else ""))
+    for line, reason in manifest.get("skipped_lines", [])[:10]:
         print(f"  skipped {args.input}:{line}: {reason}")
     return 0

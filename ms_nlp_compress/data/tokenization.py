@@ -17,6 +17,11 @@ Output (`Encoding`), all int32:
                     groups tokens by this id, so ids are unique within one encoding: the words of B are numbered
                     after the words of A instead of restarting at 0.
 
+Batches go through the libraries' batch APIs (`tokenizers.Tokenizer.encode_batch`, SentencePiece's list encode)
+and are assembled with numpy into a `RaggedEncoding` (unpadded rows stored flat), which the on-disk shards of
+`streaming.py` store as is and `encode_batch` pads; `encode` (one text, pure Python) is the reference the batch
+path is tested against, id for id.
+
 Pairs are truncated longest-first exactly as BERT's `_truncate_seq_pair`, which the reference GLUE processors
 (BERT, TinyBERT, DynaBERT, TernaryBERT) use: remove one token at a time from the end of the currently longer
 segment, from B on ties. When both segments are longer than half the budget and the budget is odd, A keeps the
@@ -26,6 +31,7 @@ are truncated, never rejected.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +125,144 @@ def assemble_encoding(
     return Encoding(*(np.asarray(values, dtype=np.int32) for values in (ids, types, mask, words)))
 
 
+def ragged_positions(lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(row, position within the row) of every element of ragged rows of these lengths, in row-major order."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    return rows, np.arange(int(lengths.sum()), dtype=np.int64) - starts[rows]
+
+
+@dataclass
+class RaggedEncoding:
+    """A batch of unpadded encodings stored flat: row i is `input_ids[offsets[i]:offsets[i + 1]]`.
+
+    `first_segment[i]` counts the tokens of `[CLS] A [SEP]`: token_type_ids are 0 before it and 1 from it on, so
+    segment ids need no storage. The attention mask is implied by the row length. This is what the on-disk shards
+    store, a fraction of the padded [rows, max_length] arrays.
+    """
+
+    input_ids: np.ndarray  # [total tokens]; int32, or a narrower integer type in shards
+    word_ids: Optional[np.ndarray]  # [total tokens], -1 for special tokens; None when not kept
+    offsets: np.ndarray  # int64 [rows + 1]
+    first_segment: np.ndarray  # [rows]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, rows: np.ndarray) -> "RaggedEncoding":
+        """The given rows, in the given order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.lengths[rows]
+        row_of, within = ragged_positions(lengths)
+        source = self.offsets[rows][row_of] + within
+        return RaggedEncoding(self.input_ids[source], None if self.word_ids is None else self.word_ids[source],
+                              _offsets_of(lengths), self.first_segment[rows])
+
+    @staticmethod
+    def concatenate(parts: Sequence["RaggedEncoding"]) -> "RaggedEncoding":
+        """Rows of `parts` one after the other (all with word ids, or all without)."""
+        with_words = {part.word_ids is not None for part in parts}
+        if len(with_words) > 1:
+            raise ValueError("cannot concatenate encodings with and without word ids")
+        return RaggedEncoding(np.concatenate([part.input_ids for part in parts]),
+                              np.concatenate([part.word_ids for part in parts]) if with_words == {True} else None,
+                              _offsets_of(np.concatenate([part.lengths for part in parts])),
+                              np.concatenate([part.first_segment for part in parts]))
+
+    def padded(self, pad_id: int, width: Optional[int] = None, word_width: Optional[int] = None) -> Encoding:
+        """2-D int32 arrays [rows, width]; width None: the longest row. Rows longer than `width` are an error.
+
+        word_ids are padded to `word_width` (default `width`); they are None when the encoding has none.
+        """
+        lengths = self.lengths
+        longest = int(lengths.max()) if len(lengths) else 0
+        width = longest if width is None else width
+        if longest > width:
+            raise ValueError(f"a row of {longest} tokens does not fit width {width}")
+        columns = np.arange(width)
+        real = columns[None, :] < lengths[:, None]  # [rows, width]; row-major order of True cells = flat order
+        input_ids = np.full(real.shape, pad_id, dtype=np.int32)
+        input_ids[real] = self.input_ids
+        token_type_ids = (real & (columns[None, :] >= self.first_segment[:, None])).astype(np.int32)
+        word_ids = None
+        if self.word_ids is not None:
+            word_width = width if word_width is None else word_width
+            word_real = np.arange(word_width)[None, :] < lengths[:, None]
+            word_ids = np.full(word_real.shape, -1, dtype=np.int32)
+            word_ids[word_real] = self.word_ids
+        return Encoding(input_ids, token_type_ids, real.astype(np.int32), word_ids)
+
+
+def _offsets_of(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+
+
+def _flatten(pieces: Sequence[Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """(flat int32 values, int64 offsets [n + 1]) of a list of lists."""
+    lengths = np.fromiter((len(piece) for piece in pieces), dtype=np.int64, count=len(pieces))
+    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
+    return flat, _offsets_of(lengths)
+
+
+def longest_first_lengths_batch(length_a: np.ndarray, length_b: np.ndarray, budget: np.ndarray):
+    """`longest_first_lengths` for arrays of rows (the same closed form, vectorised)."""
+    half_low, half_high = budget // 2, budget - budget // 2
+    fits = length_a + length_b <= budget
+    keep_a = np.where(fits | (length_a <= half_low), length_a,
+                      np.where(length_b <= half_low, budget - length_b, half_high))
+    keep_b = np.where(fits | (length_b <= half_low), length_b,
+                      np.where(length_a <= half_low, budget - length_a, half_low))
+    return keep_a, keep_b
+
+
+def assemble_ragged(pieces_a: Sequence[Sequence[int]], words_a: Sequence[Sequence[int]],
+                    pieces_b: Sequence[Optional[Sequence[int]]], words_b: Sequence[Optional[Sequence[int]]],
+                    max_length: int, cls_id: int, sep_id: int) -> RaggedEncoding:
+    """`assemble_encoding` for a whole batch with numpy, without padding; rows whose B is None are single texts."""
+    count = len(pieces_a)
+    has_b = np.fromiter((piece is not None for piece in pieces_b), dtype=bool, count=count)
+    special = np.where(has_b, 3, 2)
+    if max_length < int(special.max(initial=2)):
+        raise ValueError(f"max_length={max_length} leaves no room for the {int(special.max())} special tokens")
+    ids_a, offsets_a = _flatten(pieces_a)
+    word_a, _ = _flatten(words_a)
+    ids_b, offsets_b = _flatten([piece or () for piece in pieces_b])
+    word_b, _ = _flatten([word or () for word in words_b])
+    length_a, length_b = np.diff(offsets_a), np.diff(offsets_b)
+    budget = max_length - special
+    keep_a, keep_b = longest_first_lengths_batch(length_a, length_b, budget)
+    keep_a = np.where(has_b, keep_a, np.minimum(length_a, budget))
+    keep_b = np.where(has_b, keep_b, 0)
+    first_segment = keep_a + 2  # [CLS] A [SEP]
+    row_lengths = first_segment + np.where(has_b, keep_b + 1, 0)
+    offsets = _offsets_of(row_lengths)
+    input_ids = np.empty(int(offsets[-1]), dtype=np.int32)
+    word_ids = np.full(int(offsets[-1]), -1, dtype=np.int32)
+    starts = offsets[:-1]
+    input_ids[starts] = cls_id
+    input_ids[starts + 1 + keep_a] = sep_id
+    rows, within = ragged_positions(keep_a)
+    kept_words_a = word_a[offsets_a[rows] + within]
+    input_ids[starts[rows] + 1 + within] = ids_a[offsets_a[rows] + within]
+    word_ids[starts[rows] + 1 + within] = kept_words_a
+    # B's words are numbered after the largest kept word id of A (0 when A kept nothing), as in assemble_encoding.
+    word_offset = np.zeros(count, dtype=np.int64)
+    with_a = keep_a > 0
+    if with_a.any():
+        word_offset[with_a] = np.maximum.reduceat(kept_words_a, (np.cumsum(keep_a) - keep_a)[with_a]) + 1
+    rows, within = ragged_positions(keep_b)
+    target = starts[rows] + first_segment[rows] + within
+    input_ids[target] = ids_b[offsets_b[rows] + within]
+    word_ids[target] = word_b[offsets_b[rows] + within] + word_offset[rows]
+    input_ids[(starts + first_segment + keep_b)[has_b]] = sep_id
+    return RaggedEncoding(input_ids, word_ids, offsets, first_segment.astype(np.int32))
+
+
 def stack_encodings(encodings: Sequence[Encoding], pad_id: int, width: Optional[int] = None) -> Encoding:
     """Stack 1-D encodings into a batch; rows shorter than `width` (default: the longest row) are padded."""
     width = max([len(encoding) for encoding in encodings] + [width or 0])
@@ -143,6 +287,11 @@ class _TokenizerBase:
     def _pieces(self, text: TextInput) -> Tuple[List[int], List[int]]:
         raise NotImplementedError
 
+    def _pieces_batch(self, texts: Sequence[TextInput]) -> Tuple[List[List[int]], List[List[int]]]:
+        """(piece ids, word ids) of every text; subclasses call their library's batch API."""
+        pieces = [self._pieces(text) for text in texts]
+        return [ids for ids, _ in pieces], [words for _, words in pieces]
+
     def encode(self, text: TextInput, text_pair: Optional[TextInput] = None, max_length: Optional[int] = None,
                pad: bool = True) -> Encoding:
         """Encode one text or pair; `text` may be a string or a list of pre-segmented words."""
@@ -158,11 +307,24 @@ class _TokenizerBase:
         With pad=True every row has `max_length` tokens; with pad=False rows are padded only to the longest row
         of this batch (dynamic padding).
         """
+        ragged = self.encode_ragged(texts, text_pairs, max_length)
+        return ragged.padded(self.pad_id, (max_length or self.max_length) if pad else None)
+
+    def encode_ragged(self, texts: Sequence[TextInput], text_pairs: Optional[Sequence[Optional[TextInput]]] = None,
+                      max_length: Optional[int] = None) -> RaggedEncoding:
+        """Encode many texts (one batch call of the library) into unpadded rows; the ids of `encode`, exactly."""
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text pairs")
-        pairs = text_pairs if text_pairs is not None else [None] * len(texts)
-        encodings = [self.encode(text, pair, max_length, pad) for text, pair in zip(texts, pairs)]
-        return stack_encodings(encodings, self.pad_id, (max_length or self.max_length) if pad else None)
+        pieces_a, words_a = self._pieces_batch(texts)
+        pieces_b: List[Optional[List[int]]] = [None] * len(texts)
+        words_b: List[Optional[List[int]]] = [None] * len(texts)
+        paired = [row for row, pair in enumerate(text_pairs or ()) if pair is not None]
+        if paired:
+            ids, words = self._pieces_batch([text_pairs[row] for row in paired])
+            for row, row_ids, row_words in zip(paired, ids, words):
+                pieces_b[row], words_b[row] = row_ids, row_words
+        return assemble_ragged(pieces_a, words_a, pieces_b, words_b, max_length or self.max_length,
+                               self.cls_id, self.sep_id)
 
     def special_ids(self) -> dict:
         return {"pad_id": self.pad_id, "unk_id": self.unk_id, "cls_id": self.cls_id, "sep_id": self.sep_id,
@@ -233,6 +395,21 @@ class WordPieceTokenizer(_TokenizerBase):
             encoded = self._backend.encode(list(text), is_pretokenized=True, add_special_tokens=False)
         return encoded.ids, [word if word is not None else -1 for word in encoded.word_ids]
 
+    def _pieces_batch(self, texts: Sequence[TextInput]) -> Tuple[List[List[int]], List[List[int]]]:
+        # One Rust call per kind of input (it tokenizes in parallel); raw strings and word lists cannot be mixed in
+        # one call. `encode_batch_fast` would be quicker but returns no word ids.
+        raw = [row for row, text in enumerate(texts) if isinstance(text, str)]
+        words = [row for row, text in enumerate(texts) if not isinstance(text, str)]
+        encoded = [None] * len(texts)
+        for rows, pretokenized in ((raw, False), (words, True)):
+            if rows:
+                batch = [texts[row] if not pretokenized else list(texts[row]) for row in rows]
+                for row, encoding in zip(rows, self._backend.encode_batch(batch, is_pretokenized=pretokenized,
+                                                                          add_special_tokens=False)):
+                    encoded[row] = encoding
+        return ([encoding.ids for encoding in encoded],
+                [[-1 if word is None else word for word in encoding.word_ids] for encoding in encoded])
+
     def tokenize(self, text: TextInput) -> List[str]:
         """The WordPiece pieces of `text`, without special tokens (e.g. ['un', '##aff', '##able'])."""
         return [self._backend.id_to_token(piece) for piece in self._pieces(text)[0]]
@@ -293,6 +470,7 @@ class SentencePieceTokenizer(_TokenizerBase):
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[token] for token in SPECIAL_TOKENS)
         self.vocab_size = self._processor.GetPieceSize()
         self._word_start_marker = "\u2581"
+        self._starts_word: Optional[np.ndarray] = None  # per piece id: starts a word; built on first batch
 
     @classmethod
     def train(cls, corpus_path: Union[str, Path], model_prefix: Union[str, Path], vocab_size: int,
@@ -336,6 +514,33 @@ class SentencePieceTokenizer(_TokenizerBase):
             word_pieces = self._processor.EncodeAsIds(word.lower() if self.lowercase else word)
             ids += word_pieces
             words += [word_index] * len(word_pieces)
+        return ids, words
+
+    def _pieces_batch(self, texts: Sequence[TextInput]) -> Tuple[List[List[int]], List[List[int]]]:
+        # SentencePiece encodes a list in one C++ call; pre-segmented words are flattened into that call too.
+        strings, owners = [], []  # one string per raw text, or per word of a segmented text
+        for row, text in enumerate(texts):
+            parts = [text] if isinstance(text, str) else list(text)
+            strings += [part.lower() if self.lowercase else part for part in parts]
+            owners.append(len(parts))
+        encoded = self._processor.Encode(strings, out_type=int) if strings else []
+        if self._starts_word is None:
+            self._starts_word = np.array([self._processor.IdToPiece(i).startswith(self._word_start_marker)
+                                          for i in range(self.vocab_size)], dtype=bool)
+        ids, words, cursor = [], [], 0
+        for text, parts in zip(texts, owners):
+            pieces = encoded[cursor:cursor + parts]
+            cursor += parts
+            if isinstance(text, str):
+                row_ids = pieces[0]
+                starts = self._starts_word[np.asarray(row_ids, dtype=np.int64)]
+                if len(row_ids):
+                    starts[0] = True
+                ids.append(row_ids)
+                words.append((np.cumsum(starts) - 1).tolist())
+            else:
+                ids.append([piece for word_pieces in pieces for piece in word_pieces])
+                words.append([index for index, word_pieces in enumerate(pieces) for _ in word_pieces])
         return ids, words
 
     def tokenize(self, text: TextInput) -> List[str]:
