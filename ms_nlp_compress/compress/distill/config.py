@@ -141,3 +141,28 @@ class DistillConfig:
         if self.student_init_layers is not None:
             return tuple(self.student_init_layers)
         return tuple(mapping.teacher_layers[1:])
+
+
+@dataclass
+class AugmentConfig:
+    """TinyBERT data augmentation (data/augment.py). Defaults are the reference's M = 15, p = 0.4; N per task in the
+    reference: CoLA/MRPC/RTE/STS-B 30, SST-2/QNLI 20, MNLI/QQP 10."""
+
+    candidates: int = 15  # K: candidates per word (MLM top-K before dropping "##" pieces, or K nearest vectors)
+    replace_prob: float = 0.4  # p: each word with candidates is replaced with this probability in each sample
+    samples: int = 20  # N: sampling rounds per sentence (duplicates dropped, so <= N variants + the original)
+    seed: int = 42
+    batch_size: int = 64  # masked sentences per MLM forward / queries per neighbour search
+    max_length: int = 128  # tokens of the MLM input "[CLS] masked [SEP] original [SEP]"
+    max_vectors: int = 100000  # words read from a GloVe-format file (the reference's 100,000)
+
+    def validate(self, prefix: str = "augment") -> None:
+        def check(condition: bool, key: str, message: str) -> None:
+            if not condition:
+                raise ConfigError(f"{prefix}.{key}: {message}")
+
+        for key in ("candidates", "samples", "batch_size", "max_vectors"):
+            check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(0.0 <= self.replace_prob <= 1.0, "replace_prob", f"must be in [0, 1], got {self.replace_prob}")
+        check(self.max_length >= 5, "max_length", f"must be >= 5 (room for specials and a word), got "
+                                                  f"{self.max_length}")
