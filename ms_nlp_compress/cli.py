@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ms_nlp_compress.data import commands as data_commands
 
     from ms_nlp_compress.export import commands as export_commands
+    from ms_nlp_compress.models import convert_command
     from ms_nlp_compress.train import finetune, pretrain
 
     data_commands.add_parser(sub)
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_parser(sub)
     latency.add_parser(sub)
     export_commands.add_parser(sub)
+    convert_command.add_parser(sub)
     return parser
 
 

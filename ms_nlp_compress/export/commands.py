@@ -48,7 +48,7 @@ def find_vocab(directory: Path) -> Optional[Path]:
 
 def load_model_for_export(path: Path):
     """(model, architecture name) from our model directory or a Hugging Face folder (loaded as a NezhaModel)."""
-    from ms_nlp_compress.models.checkpoint import (CONFIG_FILE, is_model_dir, load_model_dir, load_pretrained,
+    from ms_nlp_compress.models.checkpoint import (CONFIG_FILES, is_model_dir, load_model_dir, load_pretrained,
                                                    pretrained_config)
     from ms_nlp_compress.models.nezha import NezhaModel
 
@@ -57,9 +57,9 @@ def load_model_for_export(path: Path):
     if is_model_dir(path):
         model, document = load_model_dir(path)
         return model, document.get("architecture", type(model).__name__)
-    if not (path / CONFIG_FILE).is_file():
+    if not any((path / name).is_file() for name in CONFIG_FILES):
         raise ExportError(f"{path}: neither an ms_nlp_compress model directory nor a Hugging Face folder "
-                          f"(no {CONFIG_FILE})")
+                          f"(no {' or '.join(CONFIG_FILES)})")
     model = NezhaModel(pretrained_config(path))
     load_pretrained(model, path)
     return model, "huggingface"

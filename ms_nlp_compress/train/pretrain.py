@@ -348,7 +348,7 @@ def _read_curve(metrics_path: Path) -> Tuple[List[Dict], List[Dict]]:
 def run_pretrain(config, resume: bool = True, log=print) -> Dict:
     """Pre-train a masked LM as configured; save mlm/ and pretrained/ in `config.output_dir`; return a report."""
     from ms_nlp_compress.data.masking import build_pretraining_examples
-    from ms_nlp_compress.models.checkpoint import load_pretrained, pretrained_config, saved_architecture
+    from ms_nlp_compress.models.checkpoint import MLM_HEAD, load_pretrained, pretrained_config
     from ms_nlp_compress.models.nezha import NezhaForMaskedLM
     from ms_nlp_compress.train.finetune import resolve_path
     from ms_nlp_compress.train.losses import MaskedLMLoss
@@ -393,9 +393,9 @@ def run_pretrain(config, resume: bool = True, log=print) -> Dict:
     model_config.validate()
     model = NezhaForMaskedLM(model_config)
     if pretrained is not None:
-        continued = saved_architecture(pretrained) == "NezhaForMaskedLM"
-        report = load_pretrained(model if continued else model.bert, pretrained, strict=continued)
-        log(f"continuing from {pretrained}: {report.describe() if not continued else 'MLM model loaded'}")
+        # The checkpoint's MLM head (transform dense + LayerNorm + decoder bias) continues with its backbone; only a
+        # checkpoint without one starts a fresh head, said in the line. An untied decoder is refused (checkpoint.py).
+        load_pretrained(model, pretrained, fresh=(MLM_HEAD,), log=lambda line: log(f"continuing from {line}"))
 
     batches = MaskedLMBatches(train_columns, tokenizer, pretrain, config.data.batch_size, seed, rank, world_size)
     eval_masked = fixed_masks(eval_columns, tokenizer, pretrain, seed) if held_out else None
