@@ -134,6 +134,7 @@ class WordVectors:
         self.source = source
         self.tokenizer = tokenizer
         self.piece_table = piece_table
+        self._cache: Dict[int, Dict[str, List[str]]] = {}
 
     @classmethod
     def from_glove(cls, path, max_words: int = 100000) -> "WordVectors":
@@ -182,18 +183,23 @@ class WordVectors:
         return _normalize_rows(vector[None, :])[0], -1
 
     def neighbours(self, words: Sequence[str], k: int, batch_size: int = 256) -> List[List[str]]:
-        """The k nearest words of each word (itself excluded), best first; [] for words without a vector."""
-        found = [(position, *self.query(word.lower() if word.lower() in self.index else word))
-                 for position, word in enumerate(words)]
-        result: List[List[str]] = [[] for _ in words]
-        usable = [(position, vector, self_index) for position, vector, self_index in found if vector is not None]
+        """The k nearest words of each word (itself excluded), best first; [] for words without a vector.
+
+        Results are cached per (word, k): a corpus repeats its words, and the search is the costly part."""
+        cache = self._cache.setdefault(k, {})
+        todo = sorted({word for word in words if word not in cache})
+        found = [(word, *self.query(word.lower() if word.lower() in self.index else word)) for word in todo]
+        for word, vector, _ in found:
+            if vector is None:
+                cache[word] = []
+        usable = [(word, vector, self_index) for word, vector, self_index in found if vector is not None]
         for start in range(0, len(usable), batch_size):
             chunk = usable[start:start + batch_size]
             queries = np.stack([vector for _, vector, _ in chunk])
             indices = top_k_cosine(queries, self.table, k, [self_index for _, _, self_index in chunk])
-            for (position, _, _), row in zip(chunk, indices):
-                result[position] = [self.words[index] for index in row]
-        return result
+            for (word, _, _), row in zip(chunk, indices):
+                cache[word] = [self.words[index] for index in row]
+        return [list(cache[word]) for word in words]
 
 
 # ----------------------------------------------------------------------------------------------------------------
