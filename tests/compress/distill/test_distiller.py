@@ -291,3 +291,26 @@ def test_config_unknown_key_names_file_and_key():
                                                                              "num_heads": 2}}, "x.yaml", "distill")
     assert isinstance(parsed.student_model, NezhaConfig) and parsed.student_model.hidden_size == 8
     parsed.validate()
+
+
+def test_engine_train_step_logs_named_components_and_keeps_teacher(graph_mode):
+    """Through the engine's compiled TrainStep: components come back by name, loss = weighted sum of them, only
+    student and projection move."""
+    from ms_nlp_compress.train.step import TrainStep
+
+    teacher, student = models(seed=13)
+    config = DistillConfig(student=None, student_model=STUDENT, projection="per_layer", prediction_weight=0.5,
+                           temperature=2.0)
+    distiller = prepare(teacher, student, config, TEACHER, STUDENT)
+    teacher_before = {name: p.asnumpy().copy() for name, p in teacher.parameters_and_names()}
+    step = TrainStep(distiller, nn.Adam(distiller.trainable_params(), learning_rate=1e-2), max_grad_norm=1.0)
+    step.set_train(True)
+    results = [step(*batch(seed=seed)[:3]) for seed in range(3)]
+    for result in results:
+        assert list(result.components) == ["embedding", "hidden", "attention", "prediction"]
+        weighted = sum(w * result.components[name] for name, w in
+                       (("embedding", 1.0), ("hidden", 1.0), ("attention", 1.0), ("prediction", 0.5)))
+        np.testing.assert_allclose(result.loss, weighted, rtol=1e-5)
+        assert result.applied
+    for name, param in teacher.parameters_and_names():
+        np.testing.assert_array_equal(param.asnumpy(), teacher_before[name], err_msg=name)
