@@ -239,10 +239,12 @@ def test_teacher_outputs_unchanged_between_calls_in_training_mode(graph_mode):
     for a, b in zip([first[0], *first[1], *first[2]], [second[0], *second[1], *second[2]]):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
     # The same weights in a non-frozen cell in training mode DO change between calls: dropout was really avoided.
+    # (The reference runs in PyNative: two more graph compiles would only slow the test down.)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
     assert not np.array_equal(reference(*inputs)[0].asnumpy(), reference(*inputs)[0].asnumpy())
     # And the frozen teacher equals the eval-mode teacher.
     reference.set_train(False)
-    np.testing.assert_allclose(first[0].asnumpy(), reference(*inputs)[0].asnumpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(first[0].asnumpy(), reference(*inputs)[0].asnumpy(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
