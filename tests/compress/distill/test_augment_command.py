@@ -1,6 +1,4 @@
 """`msnc augment` end to end on a tiny saved masked-LM directory: both routes, originals kept, deterministic."""
-import numpy as np
-
 import mindspore as ms
 
 from ms_nlp_compress.compress.distill.commands import main
