@@ -294,6 +294,16 @@ def torch_missing_message(path: Path) -> str:
             f"(torch is not needed after that); or run `msnc convert` where torch is installed and copy the result")
 
 
+def _torch_reason(err: Exception) -> str:
+    """The informative line of torch's refusal (its first lines advise loading the file unsafely: not repeated)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if "WeightsUnpickler error" in line or "Unsupported" in line:
+            return line.split(". Please")[0][:300]  # what follows is how to allow the global: not advised here
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
 def read_torch_file(path: Union[str, Path]) -> Dict[str, np.ndarray]:
     """A PyTorch state dict (`pytorch_model.bin`) through `torch.load(weights_only=True)`, never plain pickle.
 
@@ -314,9 +324,8 @@ def read_torch_file(path: Union[str, Path]) -> Dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: torch {torch.__version__} cannot load with weights_only=True; "
                               "`pip install 'torch>=1.13'`, then `msnc convert`") from None
     except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError (zip), EOFError ...: all refusals
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: refused: torch.load(weights_only=True) could not read it as tensors only "
-                              f"({reason[:300]}). Nothing in it was executed. A plain state dict of tensors loads; "
+                              f"({_torch_reason(err)}). Nothing in it was executed. A plain state dict of tensors loads; "
                               "re-save the weights as safetensors with the tool that wrote them") from None
     if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         for key in ("state_dict", "model", "module"):  # training checkpoints wrap the state dict

@@ -13,7 +13,6 @@ The forward passes are checked against the independent numpy reference (numpy_be
 """
 import importlib.util
 import json
-import os
 import pickle
 import signal
 import subprocess
@@ -83,6 +82,8 @@ def write_form(root: Path, form: str, shape=SHAPE, seed=5, vocab=None):
                                             with_pooler=with_pooler)
     head = mlm_head(shape, seed + 1) if form in HEADED else None
     config = dict(HF_CONFIG, vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                  num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_heads"],
+                  intermediate_size=shape["intermediate_size"],
                   max_position_embeddings=shape["max_position_embeddings"])
     nsp = {"cls.seq_relationship.weight": np.full((2, shape["hidden_size"]), 0.5, np.float32),
            "cls.seq_relationship.bias": np.zeros(2, np.float32)}
@@ -452,7 +453,7 @@ def test_pytorch_bin_loads_through_torch_or_is_refused_without_it(tmp_path):
     tensors = read_safetensors(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     if not TORCH_AVAILABLE:
-        np.save(tmp_path / "unused.npy", np.zeros(1))  # nothing to write a real .bin with: an empty one
+        # nothing here can write a real .bin: an empty one stands in, and is refused unread
         (folder / "pytorch_model.bin").write_bytes(b"")
         with pytest.raises(CheckpointError, match=r"torch is not installed.*msnc convert"):
             load_pretrained(NezhaModel(NezhaConfig(**SHAPE)), folder)
@@ -516,9 +517,10 @@ def test_convert_backbone_without_pooler_keeps_it_absent(tmp_path, capsys):
     starts fresh instead of silently loading a random one."""
     folder, reference = write_form(tmp_path, "hf_masked_lm")
     out = tmp_path / "backbone"
-    ckpt_report = __import__("ms_nlp_compress.models.convert_command", fromlist=["x"]).convert_checkpoint(
-        folder, out, architecture="NezhaModel", log=lambda line: None)
-    assert ckpt_report["mapped"] == 37
+    from ms_nlp_compress.models.convert_command import convert_checkpoint
+
+    summary = convert_checkpoint(folder, out, architecture="NezhaModel", log=lambda line: None)
+    assert summary["mapped"] == 37 and summary["skipped"] == ["MLM head (cls.predictions.*: 5 tensors)"]
     backbone, document = load_model_dir(out)
     assert document["add_pooler"] is False and not backbone.add_pooler
     lines = []
