@@ -289,9 +289,10 @@ class ParallelConfig:
     """Data parallel over `world_size` ranks, launched by msrun (HCCL on Ascend, MindSpore's CPU collectives here)."""
 
     world_size: int = 1
-    gradients_mean: bool = True
+    # msrun's settings, read by scripts/run_distributed.sh (parallel/launch.py); gradients are always averaged
+    # over ranks, so a data-parallel run takes the same steps as one process on the global batch.
     master_port: int = 8118
-    rank_table_file: Optional[str] = None  # passed through to msrun for clusters that need one
+    rank_table_file: Optional[str] = None  # an HCCL rank table, for clusters whose launcher needs one
     cluster_timeout: int = 600  # seconds msrun waits for every rank before failing loudly
 
     def validate(self, prefix: str = "parallel") -> None:
@@ -487,7 +488,28 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
         source = f"{source} (with --set {' '.join(overrides)})"
     config = from_mapping(cls, values, source)
     _validate_with_source(config, source)
+    # What the files and --set actually said (dotted keys), as opposed to dataclass defaults: lets a command tell a
+    # value the user chose from one nobody wrote (e.g. architecture keys against a checkpoint's own config).
+    object.__setattr__(config, "_given_keys", frozenset(_dotted_keys(values)))
+    object.__setattr__(config, "_source", source)
     return config
+
+
+def _dotted_keys(values: Dict[str, Any], prefix: str = ""):
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        yield dotted
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, dotted + ".")
+
+
+def given_keys(config: Any) -> Optional[frozenset]:
+    """The dotted keys written in the config files and --set overrides; None for a config built in code."""
+    return getattr(config, "_given_keys", None)
+
+
+def config_source(config: Any) -> str:
+    return getattr(config, "_source", "<config built in code>")
 
 
 def config_to_dict(config: Any) -> Dict[str, Any]:
@@ -496,4 +518,6 @@ def config_to_dict(config: Any) -> Dict[str, Any]:
 
 def dump_config(config: Any, path: Union[str, Path]) -> None:
     """Write a resolved config (no `base:`), so a run's exact settings are kept with its outputs."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+    from ms_nlp_compress.atomic import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

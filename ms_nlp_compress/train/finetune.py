@@ -78,13 +78,38 @@ def encode(examples, tokenizer, max_length: int, regression: bool) -> Dict[str, 
     return {name: columns[name] for name in MODEL_INPUTS + ("label",)}
 
 
+# NezhaConfig keys that say how a model runs, not what it is: a checkpoint's config does not decide them.
+RUN_TIME_MODEL_KEYS = ("hidden_dropout", "attention_dropout", "dropout_impl", "kernels", "initializer_range")
+
+
 def model_config_for(config: ExperimentConfig, pretrained: Optional[Path]) -> NezhaConfig:
+    """The model config of a run that starts from `pretrained`.
+
+    Architecture keys come from the checkpoint; a value the user wrote that contradicts it is an error naming the
+    key (silently building another shape, or silently ignoring the user, are both wrong). Run-time keys (dropout
+    rates, dropout implementation, kernels) come from the user's config when written there, else from the
+    checkpoint's config (its dropout rates) or our defaults.
+    """
+    import dataclasses
+
+    from ms_nlp_compress.config import config_source, given_keys
     from ms_nlp_compress.models.checkpoint import pretrained_config
 
     if pretrained is None:
         return config.model
     model_config = pretrained_config(pretrained)
-    model_config.dropout_impl = config.model.dropout_impl
+    given = given_keys(config)
+    for field in dataclasses.fields(NezhaConfig):
+        name, key = field.name, f"model.{field.name}"
+        user_value, saved_value = getattr(config.model, name), getattr(model_config, name)
+        if name in RUN_TIME_MODEL_KEYS:
+            if given is None or key in given:
+                setattr(model_config, name, user_value)
+        elif given is not None and key in given and user_value != saved_value:
+            raise ConfigError(f"{config_source(config)}: {key} is {user_value!r} but the checkpoint {pretrained} "
+                              f"has {saved_value!r}: architecture keys come from the checkpoint; remove {key} "
+                              f"from the config or use --set {key}={saved_value}")
+    model_config.validate()
     return model_config
 
 

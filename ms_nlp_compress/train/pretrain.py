@@ -33,6 +33,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ms_nlp_compress.config import PretrainConfig
+from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.errors import ConfigError, DataError
 
 MLM_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "masked_positions", "masked_ids", "masked_weights")
@@ -422,7 +423,7 @@ def run_pretrain(config, resume: bool = True, log=print) -> Dict:
         mlm_dir, backbone_dir = _save_outputs(model, model_config, output_dir, vocab_file.parent, meta)
         report.update({"mlm_dir": str(mlm_dir), "pretrained_dir": str(backbone_dir)})
         report["train_curve"], report["eval_curve"] = _read_curve(output_dir / "metrics.jsonl")
-        (output_dir / "results.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        write_text_atomic(output_dir / "results.json", json.dumps(report, indent=2))
     return report
 
 

@@ -141,7 +141,7 @@ class Trainer:
         self.scaler = LossScaler(mode, self.train.loss_scale_value, self.train.loss_scale_factor,
                                  self.train.loss_scale_window)
         if reducer is None:
-            reducer = make_reducer(list(optimizer.parameters), world_size, mean=config.parallel.gradients_mean)
+            reducer = make_reducer(list(optimizer.parameters), world_size)
         self.reducer = reducer
         self.step = TrainStep(loss_cell, self.optimizer, self.scaler, self.train.gradient_accumulation,
                               self.train.max_grad_norm, reducer)

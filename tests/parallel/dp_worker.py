@@ -34,6 +34,8 @@ if len(sys.argv) > 3 and sys.argv[3] == "die" and rank == 1:
     raise RuntimeError("rank 1 fails on purpose")
 ms.set_seed(0)  # the same initial weights on every rank
 model = NezhaForSequenceClassification(config.model, 2)
+output.mkdir(parents=True, exist_ok=True)
+np.savez(output / f"initial_{rank}.npz", **tiny_task.weights(model))
 batches = ArrayBatches(tiny_task.columns(), tiny_task.ORDER, batch_size=8 // size, seed=0, rank=rank,
                        world_size=size)
 trainer = Trainer(config, model, SequenceClassificationLoss(model), batches, output / "run", rank=rank,

@@ -33,18 +33,29 @@ def test_interrupted_run_resumes_exactly(tmp_path, graph_mode):
     resumed, resumed_model = tiny_task.build(tmp_path / "interrupted")
     result = resumed.fit()
     assert result.resumed_from.endswith("step-0000002") and result.updates == 8
+    # metrics.jsonl reads as one run: update 3 was logged before the interruption and again after the resume
+    logged = [json.loads(line) for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in logged if r["type"] == "train"] == list(range(1, 9))
+    assert [r["update"] for r in logged if r["type"] == "eval"] == [4, 8]
     # dropout was on: identical weights mean identical masks, data order, moments, schedule and step counts
     assert_same_weights(tiny_task.weights(straight_model), tiny_task.weights(resumed_model))
     assert resumed.optimizer.global_step.asnumpy().item() == 8
 
 
-def test_kill_minus_nine_then_resume(tmp_path):
+@pytest.mark.parametrize("worker_args", [("12",), ("6", "3", "0", "56")], ids=["plain", "accumulation3-mid-cycle"])
+def test_kill_minus_nine_then_resume(tmp_path, worker_args):
+    """kill -9 right after the first checkpoint, resume, compare with an uninterrupted run.
+
+    The second case accumulates 3 micro-batches per update over 7 batches per epoch and checkpoints at each epoch
+    end, so the checkpoint falls one micro-batch into a cycle: the partial gradient sum AND the position in the
+    cycle must both come back (before the fix only the sum did, and the resumed run applied 4 micro-batches / 3).
+    """
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    reference = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "reference"), "12"], env=environment,
-                               capture_output=True, text=True, timeout=300)
+    reference = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "reference"), *worker_args],
+                               env=environment, capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]
-    victim = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "victim"), "12"], env=environment,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "victim"), *worker_args],
+                              env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = tmp_path / "victim" / "checkpoints" / "LATEST"
     deadline = time.time() + 240
     while not pointer.exists() and time.time() < deadline and victim.poll() is None:
@@ -53,8 +64,11 @@ def test_kill_minus_nine_then_resume(tmp_path):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the worker finished before it could be killed"
     assert not (tmp_path / "victim" / "final.npz").exists()
-    resumed = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "victim"), "12"], env=environment,
-                             capture_output=True, text=True, timeout=300)
+    if len(worker_args) > 1:  # the checkpoint really is inside an accumulation cycle
+        state = json.loads((latest_checkpoint(tmp_path / "victim" / "checkpoints") / "state.json").read_text())
+        assert state["step"]["micro_step"] in (1, 2) and state["next_batch"] == 0  # epoch 0 or 1 ended mid-cycle
+    resumed = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "victim"), *worker_args],
+                             env=environment, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected = dict(np.load(tmp_path / "reference" / "final.npz"))
     actual = dict(np.load(tmp_path / "victim" / "final.npz"))

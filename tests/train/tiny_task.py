@@ -23,7 +23,7 @@ def columns(size=48, length=8, seed=0):
             "label": label}
 
 
-def build(output_dir, seed=0, kernels="auto", **train_overrides):
+def build(output_dir, seed=0, kernels="auto", rows=48, **train_overrides):
     import mindspore as ms
 
     ms.set_seed(seed)
@@ -36,7 +36,7 @@ def build(output_dir, seed=0, kernels="auto", **train_overrides):
     config = ExperimentConfig(model=model_config, train=TrainConfig(**train))
     config.runtime.seed = seed
     model = NezhaForSequenceClassification(model_config, 2)
-    data = columns()
+    data = columns(size=rows)
     batches = ArrayBatches(data, ORDER, batch_size=8, seed=seed)
 
     def evaluate():
