@@ -14,8 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from ms_nlp_compress import demo
     from ms_nlp_compress.bench import latency
+    from ms_nlp_compress.compress.distill import commands as distill_commands
     from ms_nlp_compress.data import commands as data_commands
-
     from ms_nlp_compress.export import commands as export_commands
     from ms_nlp_compress.models import convert_command
     from ms_nlp_compress.train import finetune, pretrain
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     latency.add_parser(sub)
     export_commands.add_parser(sub)
     convert_command.add_parser(sub)
+    distill_commands.add_parser(sub)
     return parser
 
 

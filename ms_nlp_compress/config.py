@@ -314,9 +314,14 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # Compression sections; their dataclasses live with their algorithm and are bound at the end of this module.
+    distill: "DistillConfig" = field(default_factory=lambda: DistillConfig())
+    augment: "AugmentConfig" = field(default_factory=lambda: AugmentConfig())
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
+        self.distill.validate("distill")
+        self.augment.validate("augment")
         self.train.validate("train")
         self.pretrain.validate("pretrain")
         self.runtime.validate("runtime")
@@ -521,3 +526,7 @@ def dump_config(config: Any, path: Union[str, Path]) -> None:
     from ms_nlp_compress.atomic import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# The algorithm sections import NezhaConfig from this module, so they are bound here, once it is complete.
+from ms_nlp_compress.compress.distill.config import AugmentConfig, DistillConfig  # noqa: E402
