@@ -45,8 +45,9 @@ def encode_examples(examples: Sequence[Example], tokenizer, max_length: int,
     columns: Dict[str, List[np.ndarray]] = {name: [] for name in MODEL_COLUMNS}
     for start in range(0, len(examples), _ENCODE_CHUNK):
         chunk = examples[start:start + _ENCODE_CHUNK]
-        encoded = tokenizer.encode_batch([example.text_a for example in chunk], [example.text_b for example in chunk],
-                                         max_length=max_length, pad=True)
+        # The batch API without word ids (no column here uses them): tokenizers' fastest path, the same ids.
+        encoded = tokenizer.encode_ragged([example.text_a for example in chunk], [example.text_b for example in chunk],
+                                          max_length=max_length, word_ids=False).padded(tokenizer.pad_id, max_length)
         for name in MODEL_COLUMNS:
             columns[name].append(getattr(encoded, name))
     arrays = {name: (np.concatenate(parts) if parts else np.zeros((0, max_length), np.int32))

@@ -288,8 +288,8 @@ def build_shards_from_lines(path: Union[str, Path], tokenizer, output: Union[str
                                        "tokenizer": tokenizer_fingerprint(tokenizer)})
         for chunk in _chunks(iter_lines(path, skip_malformed, skipped), ENCODE_CHUNK):
             state["bytes"] = chunk[-1][2]
-            writer.add(_keep_words(tokenizer.encode_ragged([text for _, text, _ in chunk], max_length=max_length),
-                                   word_ids))
+            writer.add(tokenizer.encode_ragged([text for _, text, _ in chunk], max_length=max_length,
+                                               word_ids=word_ids))
         manifest = writer.finish(skipped=len(skipped),
                                  skipped_lines=[[problem.line, problem.reason] for problem in skipped[:100]])
     return manifest
@@ -319,15 +319,12 @@ def build_shards_from_tsv(task: str, path: Union[str, Path], tokenizer, output: 
             progress=(lambda event: progress({**event, "total_rows": len(examples)})) if progress else None)
         for start in range(0, len(examples), ENCODE_CHUNK):
             chunk = examples[start:start + ENCODE_CHUNK]
-            rows = tokenizer.encode_ragged([e.text_a for e in chunk], [e.text_b for e in chunk], max_length)
+            rows = tokenizer.encode_ragged([e.text_a for e in chunk], [e.text_b for e in chunk], max_length,
+                                           word_ids=word_ids)
             labels = np.array([missing if e.label is None else e.label for e in chunk], dtype=label_dtype)
-            writer.add(_keep_words(rows, word_ids), labels)
+            writer.add(rows, labels)
         return writer.finish(skipped=examples.skipped,
                              skipped_lines=[list(item) for item in examples.skipped_lines[:100]])
-
-
-def _keep_words(rows: RaggedEncoding, keep: bool) -> RaggedEncoding:
-    return rows if keep else RaggedEncoding(rows.input_ids, None, rows.offsets, rows.first_segment)
 
 
 def build_shards_from_columns(columns: Dict[str, np.ndarray], output: Union[str, Path], pad_id: int,
@@ -634,7 +631,7 @@ def _read_columns(path: Path, tokenizer, task: Optional[str], max_length: int, s
         spec = get_task(task)
         return encode_examples(spec.reader(path, skip_malformed=skip_malformed), tokenizer, max_length,
                                spec.is_regression)
-    parts = [tokenizer.encode_ragged([text for _, text, _ in chunk], max_length=max_length)
+    parts = [tokenizer.encode_ragged([text for _, text, _ in chunk], max_length=max_length, word_ids=word_ids)
              for chunk in _chunks(iter_lines(path, skip_malformed), ENCODE_CHUNK)]
     if not parts:
         raise DataError(f"{path}: no sentences")

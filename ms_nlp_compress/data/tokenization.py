@@ -220,19 +220,20 @@ def longest_first_lengths_batch(length_a: np.ndarray, length_b: np.ndarray, budg
     return keep_a, keep_b
 
 
-def assemble_ragged(pieces_a: Sequence[Sequence[int]], words_a: Sequence[Sequence[int]],
-                    pieces_b: Sequence[Optional[Sequence[int]]], words_b: Sequence[Optional[Sequence[int]]],
+def assemble_ragged(pieces_a: Sequence[Sequence[int]], words_a: Optional[Sequence[Sequence[int]]],
+                    pieces_b: Sequence[Optional[Sequence[int]]], words_b: Optional[Sequence[Optional[Sequence[int]]]],
                     max_length: int, cls_id: int, sep_id: int) -> RaggedEncoding:
-    """`assemble_encoding` for a whole batch with numpy, without padding; rows whose B is None are single texts."""
+    """`assemble_encoding` for a whole batch with numpy, without padding; rows whose B is None are single texts.
+
+    words_a / words_b None: no word ids (the result's `word_ids` is None).
+    """
     count = len(pieces_a)
     has_b = np.fromiter((piece is not None for piece in pieces_b), dtype=bool, count=count)
     special = np.where(has_b, 3, 2)
     if max_length < int(special.max(initial=2)):
         raise ValueError(f"max_length={max_length} leaves no room for the {int(special.max())} special tokens")
     ids_a, offsets_a = _flatten(pieces_a)
-    word_a, _ = _flatten(words_a)
     ids_b, offsets_b = _flatten([piece or () for piece in pieces_b])
-    word_b, _ = _flatten([word or () for word in words_b])
     length_a, length_b = np.diff(offsets_a), np.diff(offsets_b)
     budget = max_length - special
     keep_a, keep_b = longest_first_lengths_batch(length_a, length_b, budget)
@@ -242,24 +243,28 @@ def assemble_ragged(pieces_a: Sequence[Sequence[int]], words_a: Sequence[Sequenc
     row_lengths = first_segment + np.where(has_b, keep_b + 1, 0)
     offsets = _offsets_of(row_lengths)
     input_ids = np.empty(int(offsets[-1]), dtype=np.int32)
-    word_ids = np.full(int(offsets[-1]), -1, dtype=np.int32)
     starts = offsets[:-1]
     input_ids[starts] = cls_id
     input_ids[starts + 1 + keep_a] = sep_id
-    rows, within = ragged_positions(keep_a)
-    kept_words_a = word_a[offsets_a[rows] + within]
-    input_ids[starts[rows] + 1 + within] = ids_a[offsets_a[rows] + within]
-    word_ids[starts[rows] + 1 + within] = kept_words_a
-    # B's words are numbered after the largest kept word id of A (0 when A kept nothing), as in assemble_encoding.
-    word_offset = np.zeros(count, dtype=np.int64)
-    with_a = keep_a > 0
-    if with_a.any():
-        word_offset[with_a] = np.maximum.reduceat(kept_words_a, (np.cumsum(keep_a) - keep_a)[with_a]) + 1
-    rows, within = ragged_positions(keep_b)
-    target = starts[rows] + first_segment[rows] + within
-    input_ids[target] = ids_b[offsets_b[rows] + within]
-    word_ids[target] = word_b[offsets_b[rows] + within] + word_offset[rows]
+    rows_a, within_a = ragged_positions(keep_a)
+    input_ids[starts[rows_a] + 1 + within_a] = ids_a[offsets_a[rows_a] + within_a]
+    rows_b, within_b = ragged_positions(keep_b)
+    target_b = starts[rows_b] + first_segment[rows_b] + within_b
+    input_ids[target_b] = ids_b[offsets_b[rows_b] + within_b]
     input_ids[(starts + first_segment + keep_b)[has_b]] = sep_id
+    word_ids = None
+    if words_a is not None:
+        word_a, _ = _flatten(words_a)
+        word_b, _ = _flatten([word or () for word in words_b])
+        word_ids = np.full(int(offsets[-1]), -1, dtype=np.int32)
+        kept_words_a = word_a[offsets_a[rows_a] + within_a]
+        word_ids[starts[rows_a] + 1 + within_a] = kept_words_a
+        # B's words are numbered after the largest kept word id of A (0 when A kept nothing), as assemble_encoding.
+        word_offset = np.zeros(count, dtype=np.int64)
+        with_a = keep_a > 0
+        if with_a.any():
+            word_offset[with_a] = np.maximum.reduceat(kept_words_a, (np.cumsum(keep_a) - keep_a)[with_a]) + 1
+        word_ids[target_b] = word_b[offsets_b[rows_b] + within_b] + word_offset[rows_b]
     return RaggedEncoding(input_ids, word_ids, offsets, first_segment.astype(np.int32))
 
 
@@ -287,10 +292,11 @@ class _TokenizerBase:
     def _pieces(self, text: TextInput) -> Tuple[List[int], List[int]]:
         raise NotImplementedError
 
-    def _pieces_batch(self, texts: Sequence[TextInput]) -> Tuple[List[List[int]], List[List[int]]]:
-        """(piece ids, word ids) of every text; subclasses call their library's batch API."""
+    def _pieces_batch(self, texts: Sequence[TextInput],
+                      with_words: bool = True) -> Tuple[List[List[int]], Optional[List[List[int]]]]:
+        """(piece ids, word ids or None) of every text; subclasses call their library's batch API."""
         pieces = [self._pieces(text) for text in texts]
-        return [ids for ids, _ in pieces], [words for _, words in pieces]
+        return [ids for ids, _ in pieces], [words for _, words in pieces] if with_words else None
 
     def encode(self, text: TextInput, text_pair: Optional[TextInput] = None, max_length: Optional[int] = None,
                pad: bool = True) -> Encoding:
@@ -307,22 +313,28 @@ class _TokenizerBase:
         With pad=True every row has `max_length` tokens; with pad=False rows are padded only to the longest row
         of this batch (dynamic padding).
         """
-        ragged = self.encode_ragged(texts, text_pairs, max_length)
+        ragged = self.encode_ragged(texts, text_pairs, max_length, word_ids=True)
         return ragged.padded(self.pad_id, (max_length or self.max_length) if pad else None)
 
     def encode_ragged(self, texts: Sequence[TextInput], text_pairs: Optional[Sequence[Optional[TextInput]]] = None,
-                      max_length: Optional[int] = None) -> RaggedEncoding:
-        """Encode many texts (one batch call of the library) into unpadded rows; the ids of `encode`, exactly."""
+                      max_length: Optional[int] = None, word_ids: bool = True) -> RaggedEncoding:
+        """Encode many texts (one batch call of the library) into unpadded rows; the ids of `encode`, exactly.
+
+        word_ids=False skips word ids (only whole-word masking needs them), which lets WordPiece use the faster
+        `encode_batch_fast` of `tokenizers`.
+        """
         if text_pairs is not None and len(text_pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(text_pairs)} text pairs")
-        pieces_a, words_a = self._pieces_batch(texts)
+        pieces_a, words_a = self._pieces_batch(texts, word_ids)
         pieces_b: List[Optional[List[int]]] = [None] * len(texts)
-        words_b: List[Optional[List[int]]] = [None] * len(texts)
+        words_b: Optional[List[Optional[List[int]]]] = [None] * len(texts) if word_ids else None
         paired = [row for row, pair in enumerate(text_pairs or ()) if pair is not None]
         if paired:
-            ids, words = self._pieces_batch([text_pairs[row] for row in paired])
-            for row, row_ids, row_words in zip(paired, ids, words):
-                pieces_b[row], words_b[row] = row_ids, row_words
+            ids, words = self._pieces_batch([text_pairs[row] for row in paired], word_ids)
+            for position, row in enumerate(paired):
+                pieces_b[row] = ids[position]
+                if word_ids:
+                    words_b[row] = words[position]
         return assemble_ragged(pieces_a, words_a, pieces_b, words_b, max_length or self.max_length,
                                self.cls_id, self.sep_id)
 
@@ -395,20 +407,23 @@ class WordPieceTokenizer(_TokenizerBase):
             encoded = self._backend.encode(list(text), is_pretokenized=True, add_special_tokens=False)
         return encoded.ids, [word if word is not None else -1 for word in encoded.word_ids]
 
-    def _pieces_batch(self, texts: Sequence[TextInput]) -> Tuple[List[List[int]], List[List[int]]]:
+    def _pieces_batch(self, texts: Sequence[TextInput],
+                      with_words: bool = True) -> Tuple[List[List[int]], Optional[List[List[int]]]]:
         # One Rust call per kind of input (it tokenizes in parallel); raw strings and word lists cannot be mixed in
-        # one call. `encode_batch_fast` would be quicker but returns no word ids.
+        # one call. `encode_batch_fast` skips offset tracking, and with it word ids: used when those are not needed.
+        encode = self._backend.encode_batch if with_words else self._backend.encode_batch_fast
         raw = [row for row, text in enumerate(texts) if isinstance(text, str)]
         words = [row for row, text in enumerate(texts) if not isinstance(text, str)]
         encoded = [None] * len(texts)
         for rows, pretokenized in ((raw, False), (words, True)):
             if rows:
                 batch = [texts[row] if not pretokenized else list(texts[row]) for row in rows]
-                for row, encoding in zip(rows, self._backend.encode_batch(batch, is_pretokenized=pretokenized,
-                                                                          add_special_tokens=False)):
+                for row, encoding in zip(rows, encode(batch, is_pretokenized=pretokenized, add_special_tokens=False)):
                     encoded[row] = encoding
-        return ([encoding.ids for encoding in encoded],
-                [[-1 if word is None else word for word in encoding.word_ids] for encoding in encoded])
+        ids = [encoding.ids for encoding in encoded]
+        if not with_words:
+            return ids, None
+        return ids, [[-1 if word is None else word for word in encoding.word_ids] for encoding in encoded]
 
     def tokenize(self, text: TextInput) -> List[str]:
         """The WordPiece pieces of `text`, without special tokens (e.g. ['un', '##aff', '##able'])."""
@@ -516,7 +531,8 @@ class SentencePieceTokenizer(_TokenizerBase):
             words += [word_index] * len(word_pieces)
         return ids, words
 
-    def _pieces_batch(self, texts: Sequence[TextInput]) -> Tuple[List[List[int]], List[List[int]]]:
+    def _pieces_batch(self, texts: Sequence[TextInput],
+                      with_words: bool = True) -> Tuple[List[List[int]], Optional[List[List[int]]]]:
         # SentencePiece encodes a list in one C++ call; pre-segmented words are flattened into that call too.
         strings, owners = [], []  # one string per raw text, or per word of a segmented text
         for row, text in enumerate(texts):
@@ -541,7 +557,7 @@ class SentencePieceTokenizer(_TokenizerBase):
             else:
                 ids.append([piece for word_pieces in pieces for piece in word_pieces])
                 words.append([index for index, word_pieces in enumerate(pieces) for _ in word_pieces])
-        return ids, words
+        return ids, words if with_words else None
 
     def tokenize(self, text: TextInput) -> List[str]:
         return [self._processor.IdToPiece(piece) for piece in self._pieces(text)[0]]

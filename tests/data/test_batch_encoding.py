@@ -51,6 +51,11 @@ def test_real_vader_batch_ids_equal_per_text_ids(vader_sentences, minilm_tokeniz
     pairs = [rng.choice(vader_sentences) if row % 3 == 0 else None for row in range(len(texts))]
     reference = per_text(minilm_tokenizer, texts, pairs, max_length)
     assert_same(minilm_tokenizer.encode_batch(texts, pairs, max_length), reference)
+    fast = minilm_tokenizer.encode_ragged(texts, pairs, max_length, word_ids=False)  # encode_batch_fast inside
+    assert fast.word_ids is None
+    padded = fast.padded(minilm_tokenizer.pad_id, max_length)
+    for name in ("input_ids", "token_type_ids", "attention_mask"):
+        np.testing.assert_array_equal(getattr(padded, name), reference[name], err_msg=name)
     assert reference["token_type_ids"].any() and (reference["attention_mask"].sum(1) == max_length).any()
     dynamic = per_text(minilm_tokenizer, texts[:300], pairs[:300], max_length, pad=False)
     assert_same(minilm_tokenizer.encode_batch(texts[:300], pairs[:300], max_length, pad=False), dynamic)
@@ -152,4 +157,7 @@ def test_sentencepiece_batch_equals_per_text_on_segmented_peoples_daily(chinese_
     segmented = [paragraph.split(" ")[:30] for paragraph in paragraphs[100:200]]
     texts = [item for pair in zip(raw, segmented) for item in pair]  # raw strings and word lists interleaved
     pairs = [segmented[row % 100][:5] if row % 3 == 0 else None for row in range(len(texts))]
-    assert_same(model.encode_batch(texts, pairs, 40), per_text(model, texts, pairs, 40))
+    reference = per_text(model, texts, pairs, 40)
+    assert_same(model.encode_batch(texts, pairs, 40), reference)
+    np.testing.assert_array_equal(model.encode_ragged(texts, pairs, 40, word_ids=False).padded(0, 40).input_ids,
+                                  reference["input_ids"])
