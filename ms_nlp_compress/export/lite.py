@@ -17,7 +17,6 @@ so its model keeps them and only pads each batch to its own longest row.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import stat
 import textwrap
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Tuple, Union
 
+from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.export import ExportError
 
 LITE_QUANT_CHOICES = ("none", "dynamic8")
@@ -198,10 +198,9 @@ def write_lite_files(mindir_file: Union[str, Path], input_names: Sequence[str], 
     cpu_command, npu_command, cpu_model, npu_model = converter_commands(mindir_file.name, input_names, npu_shape,
                                                                         config_path.name)
     directory.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(config_text, encoding="utf-8")
-    script_path.write_text(_converter_script(mindir_file.name, cpu_command, npu_command, quant, npu_shape),
-                           encoding="utf-8")
-    os.chmod(script_path, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-    notes_path.write_text(_deploy_notes(mindir_file.name, config_path.name, script_path.name, cpu_model, npu_model,
-                                        input_names, npu_shape, quant, notes), encoding="utf-8")
+    write_text_atomic(config_path, config_text)
+    write_text_atomic(script_path, _converter_script(mindir_file.name, cpu_command, npu_command, quant, npu_shape),
+                      mode=stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    write_text_atomic(notes_path, _deploy_notes(mindir_file.name, config_path.name, script_path.name, cpu_model,
+                                                npu_model, input_names, npu_shape, quant, notes))
     return LiteFiles(script_path, config_path, notes_path, cpu_model, npu_model)

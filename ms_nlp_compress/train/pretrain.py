@@ -172,7 +172,7 @@ def prepare_tokenizer(config, pretrain: PretrainConfig, lines: Sequence[str], ou
     """The run's tokenizer: `pretrain.vocab` (or the continued model's own) when given, else one built from the
     corpus into `output_dir/vocab` (reused on resume; other ranks wait for rank 0 to write it)."""
     from ms_nlp_compress.data.tokenization import load_tokenizer
-    from ms_nlp_compress.train.finetune import resolve_path
+    from ms_nlp_compress.train.finetune import model_config_for, resolve_path
 
     max_length = config.data.max_length
     if pretrain.vocab is not None:
@@ -243,14 +243,19 @@ class MaskedLMBatches:
         self.vocab_size = tokenizer.vocab_size
         self.mask_id = tokenizer.mask_id
         self.special_ids = sorted(set(tokenizer.special_ids().values()))
-        # The trainer's interface: order, columns (for dynamic specs; unused, padding is static), dynamic_padding.
+        # The trainer's BatchSource interface (padding is static: every row is max_length long).
         self.order = MLM_INPUTS
-        self.columns = columns
         self.dynamic_padding = False
         self.batch_size = batch_size
+        self._length = columns["input_ids"].shape[1]
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def column_layout(self):
+        predictions = self.pretrain.max_predictions
+        return [(np.dtype(np.int32), (self._length,))] * 3 + [(np.dtype(np.int32), (predictions,))] * 2 + [
+            (np.dtype(np.float32), (predictions,))]
 
     def mask(self, input_ids, word_ids, rows, epoch: int):
         from ms_nlp_compress.data.masking import mask_batch
@@ -349,9 +354,9 @@ def _read_curve(metrics_path: Path) -> Tuple[List[Dict], List[Dict]]:
 def run_pretrain(config, resume: bool = True, log=print) -> Dict:
     """Pre-train a masked LM as configured; save mlm/ and pretrained/ in `config.output_dir`; return a report."""
     from ms_nlp_compress.data.masking import build_pretraining_examples
-    from ms_nlp_compress.models.checkpoint import MLM_HEAD, load_pretrained, pretrained_config
+    from ms_nlp_compress.models.checkpoint import MLM_HEAD, load_pretrained
     from ms_nlp_compress.models.nezha import NezhaForMaskedLM
-    from ms_nlp_compress.train.finetune import resolve_path
+    from ms_nlp_compress.train.finetune import model_config_for, resolve_path
     from ms_nlp_compress.train.losses import MaskedLMLoss
     from ms_nlp_compress.train.trainer import Trainer, start_run
 
@@ -379,8 +384,8 @@ def run_pretrain(config, resume: bool = True, log=print) -> Dict:
         f"prepared in {time.perf_counter() - started:.1f} s")
 
     pretrained = resolve_path(config.pretrained)
-    model_config = pretrained_config(pretrained) if pretrained is not None else dataclasses.replace(config.model)
-    model_config.dropout_impl = config.model.dropout_impl
+    # From a checkpoint: its architecture, the user's run-time keys (dropout, kernels), conflicts named.
+    model_config = model_config_for(config, pretrained) if pretrained is not None else dataclasses.replace(config.model)
     if model_config.vocab_size != tokenizer.vocab_size:
         if pretrained is not None:
             raise ConfigError(f"pretrained: {pretrained} has vocab_size {model_config.vocab_size} but its "
