@@ -6,6 +6,7 @@ cpu, and each Ascend-only one only on ascend.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import mindspore as ms
 
@@ -45,23 +46,44 @@ def set_cpu_threads(count: int) -> None:
         pass
 
 
-def apply_precision(network, precision: str):
-    """Cast `network` for mixed precision (MindSpore amp levels O1-O3); fp32 leaves it untouched.
+AMP_DTYPES = {"float16": ms.float16, "bfloat16": ms.bfloat16}
 
-    Parameters stay float32 (the optimizer updates fp32 master weights); O2 keeps LayerNorm and softmax in fp32 and
-    returns fp32 outputs. On CPU this runs but is not faster (docs/mindspore.md); it is meant for Ascend.
+
+def device_of_context() -> str:
+    """The config spelling (cpu, ascend, gpu) of MindSpore's current device target."""
+    target = str(ms.get_context("device_target"))
+    return next((device for device, name in _DEVICE_TARGETS.items() if name == target), target.lower())
+
+
+def apply_precision(network, precision: str, device: Optional[str] = None, amp_dtype: str = "float16"):
+    """The network to run at `runtime.precision`: fp32 returns `network` itself; O1, O2 and O3 return a copy of
+    it that shares every Parameter object (float32 masters, same names) and computes in `amp_dtype`.
+
+    Differentiate and run the RETURNED cell; keep optimizing, checkpointing and saving the original model, whose
+    Parameters are the same objects and which itself still computes in float32 (evaluation, export).
+    `device` is `runtime.device` (None: MindSpore's current device target); `amp_dtype` is `runtime.amp_dtype`.
+
+    Policy per level (models/precision.py has the details; the network's own code, e.g. a loss, stays float32):
+    - O1: every matmul (nn.Dense, attention scores and context, the MLM decoder) in `amp_dtype`, the rest float32.
+    - O2: the models in `amp_dtype` except LayerNorm, softmax and the CPU GELU (float32); outputs float32.
+    - O3: the models entirely in `amp_dtype` (the CPU LayerNorm / GELU formulations excepted); outputs float32.
+    All three work with `model.kernels` fused and cpu. On CPU it runs but is not faster (docs/mindspore.md): it is
+    meant for Ascend, and the CPU path is how it is tested. bfloat16 needs `device: ascend` (MindSpore 2.10 has no
+    CPU bfloat16 kernels: "Kernel select failed").
     """
+    from ms_nlp_compress.errors import ConfigError
+
     if precision == "fp32":
         return network
-    from mindspore import amp
+    from ms_nlp_compress.config import PRECISIONS
+    from ms_nlp_compress.models.precision import mixed_precision_copy
 
-    from ms_nlp_compress.errors import ConfigError
-    from ms_nlp_compress.models.kernels import ExactGelu, LayerNorm
-
-    cpu_cells = [name for name, cell in network.cells_and_names() if isinstance(cell, (ExactGelu, LayerNorm))]
-    if cpu_cells:
-        # Their hand-written fp32 backward passes do not mix with amp's fp16 casts (AddN dtype clash, seen on 2.10).
-        raise ConfigError(f"runtime.precision {precision} needs model.kernels: fused (the CPU formulations in "
-                          f"{cpu_cells[0]} and {len(cpu_cells) - 1} more cells are fp32-only); mixed precision "
-                          "brings no speed on CPU anyway")
-    return amp.auto_mixed_precision(network, amp_level=precision, dtype=ms.float16)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"runtime.precision: must be one of {PRECISIONS}, got {precision!r}")
+    if amp_dtype not in AMP_DTYPES:
+        raise ConfigError(f"runtime.amp_dtype: must be one of {tuple(AMP_DTYPES)}, got {amp_dtype!r}")
+    device = device or device_of_context()
+    if amp_dtype == "bfloat16" and device != "ascend":
+        raise ConfigError(f"runtime.amp_dtype: bfloat16 needs device ascend (device is {device}; MindSpore has no "
+                          "bfloat16 kernels there); use float16")
+    return mixed_precision_copy(network, precision, AMP_DTYPES[amp_dtype])

@@ -2,10 +2,17 @@
 
     msnc export --model DIR --output STEM [--kind classifier|encoder] [--encoder-output sentence|hidden]
                 [--atol 1e-4] [--no-verify] [--lite-quant none|dynamic8] [--npu-shape 1,128]
+                [--precision fp32|O1|O2|O3] [--amp-dtype float16|bfloat16]
 
 DIR is one of our model directories (`save_model_dir`: a fine-tuned classifier exports its logits by default) or a
 Hugging Face BERT / NEZHA folder (a backbone: exported as an encoder). The reload check tokenizes real sentences
 with the vocabulary found in DIR, so the ids reaching the graph are the ones the model will see on the phone.
+
+`--precision O1|O2|O3` exports the mixed-precision graph (`runtime.apply_precision`: float16 compute, the float32
+weights stored with casts, so the file is no smaller) for serving the MindIR where float16 is fast (Ascend, GPU).
+The reload check then compares the file with that mixed-precision Cell, and the summary also states how far its
+outputs are from the float32 model's. For the phone keep the default fp32 export: the Lite converter picks float16
+kernels per device itself (docs/mindspore.md 4.8).
 
 MindSpore is imported inside the command, so `msnc --help` stays fast.
 """
@@ -22,6 +29,7 @@ from ms_nlp_compress.export.lite import DEFAULT_NPU_SHAPE, LITE_QUANT_CHOICES, L
 
 MEGABYTE = 1_000_000  # sizes are printed in MB = 10^6 bytes
 KINDS = ("classifier", "encoder")
+EXPORT_PRECISIONS = ("fp32", "O1", "O2", "O3")
 # Command-line spelling -> EncoderForExport output.
 ENCODER_OUTPUT_CHOICES = {"sentence": "sentence_embedding", "hidden": "last_hidden_state"}
 
@@ -37,6 +45,9 @@ class ExportSummary:
     export_seconds: float
     input_names: List[str]
     verify: Optional[object] = None  # mindir.VerifyReport (mindir imports MindSpore, so not imported here)
+    precision: str = "fp32"
+    # With a mixed precision: max |diff| of the exported graph's outputs vs the float32 model, per input shape.
+    float32_differences: dict = field(default_factory=dict)
     lite: Optional[LiteFiles] = None
     notes: List[str] = field(default_factory=list)
 
@@ -74,8 +85,12 @@ def verify_shapes(config, shapes) -> Tuple[Tuple[int, int], ...]:
 
 def export_model(model_path: Path, output: Path, kind: Optional[str] = None, encoder_output: str = "sentence",
                  atol: float = 1e-4, verify: bool = True, lite_quant: str = "none",
-                 npu_shape: Tuple[int, int] = DEFAULT_NPU_SHAPE, log: Callable[[str], None] = print) -> ExportSummary:
-    """Load, wrap, export, reload-check and write the Lite files. Raises ExportError on any failure."""
+                 npu_shape: Tuple[int, int] = DEFAULT_NPU_SHAPE, log: Callable[[str], None] = print,
+                 precision: str = "fp32", amp_dtype: str = "float16") -> ExportSummary:
+    """Load, wrap, export, reload-check and write the Lite files. Raises ExportError on any failure.
+
+    `precision` O1-O3 exports the mixed-precision copy of the wrapper (see the module docstring).
+    """
     from ms_nlp_compress.data.tokenization import load_tokenizer
     from ms_nlp_compress.export import lite, mindir
     from ms_nlp_compress.models.nezha import NezhaForSequenceClassification
@@ -93,6 +108,9 @@ def export_model(model_path: Path, output: Path, kind: Optional[str] = None, enc
         raise ExportError(f"{model_path}: a Hugging Face folder holds a backbone, not a fine-tuned "
                                  "classifier; use --kind encoder")
     wrapper = mindir.inference_wrapper(model, kind, ENCODER_OUTPUT_CHOICES[encoder_output])
+    float32_wrapper = wrapper
+    if precision != "fp32":
+        wrapper = mixed_precision_wrapper(wrapper, precision, amp_dtype)
     config = getattr(model, "bert", model).config  # classifiers and MLM models hold the backbone as .bert
 
     inputs_list = None
@@ -114,7 +132,7 @@ def export_model(model_path: Path, output: Path, kind: Optional[str] = None, enc
     export_seconds = time.perf_counter() - started
     summary = ExportSummary(mindir=path, kind=kind, file_bytes=path.stat().st_size,
                             parameter_bytes=mindir.parameter_bytes(wrapper), export_seconds=export_seconds,
-                            input_names=mindir.mindir_input_names(path))
+                            input_names=mindir.mindir_input_names(path), precision=precision)
     summary.notes.append(f"{path.name}: {summary.file_bytes / MEGABYTE:.2f} MB; fp32 parameters "
                          f"{summary.parameter_bytes / MEGABYTE:.2f} MB; exported in {export_seconds:.1f} s "
                          f"({kind}{', ' + encoder_output if kind == 'encoder' else ''})")
@@ -125,14 +143,53 @@ def export_model(model_path: Path, output: Path, kind: Optional[str] = None, enc
         differences = ", ".join(f"{shape}: {difference:.2g}"
                                 for shape, difference in summary.verify.max_differences.items())
         summary.notes.append(f"max |diff| reloaded file vs Cell on real sentences (atol {atol:g}): {differences}")
+        if precision != "fp32":
+            summary.float32_differences = float32_deviation(path, float32_wrapper, inputs_list)
+            deviations = ", ".join(f"{shape}: {difference:.2g}"
+                                   for shape, difference in summary.float32_differences.items())
+            summary.notes.append(f"precision {precision} ({amp_dtype} compute): max |diff| reloaded file vs the "
+                                 f"float32 model: {deviations}")
     else:
         summary.notes.append("reload check skipped (--no-verify): the file has not been compared with the Cell")
     summary.lite = lite.write_lite_files(path, summary.input_names, lite_quant, npu_shape, summary.notes)
     return summary
 
 
+def mixed_precision_wrapper(wrapper, precision: str, amp_dtype: str):
+    """`runtime.apply_precision` of the export wrapper on the current device, its errors as ExportErrors."""
+    from ms_nlp_compress.errors import ConfigError
+    from ms_nlp_compress.runtime import apply_precision, device_of_context
+
+    if precision not in EXPORT_PRECISIONS:
+        raise ExportError(f"--precision {precision!r}: expected one of {EXPORT_PRECISIONS}")
+    try:
+        mixed = apply_precision(wrapper, precision, device_of_context(), amp_dtype)
+    except ConfigError as err:
+        raise ExportError(f"--precision {precision} --amp-dtype {amp_dtype}: {err}") from None
+    mixed.set_train(False)
+    return mixed
+
+
+def float32_deviation(path: Path, float32_cell, inputs_list) -> dict:
+    """max |diff| of the file's outputs vs the float32 Cell per input shape: what the mixed precision costs."""
+    import mindspore as ms
+    from mindspore import Tensor, nn
+
+    from ms_nlp_compress.export import mindir
+
+    graph = nn.GraphCell(ms.load(str(path)))
+    float32_cell.set_train(False)
+    differences = {}
+    for inputs in inputs_list:
+        tensors = [Tensor(array) for array in inputs]
+        expected = float32_cell(*tensors).asnumpy()  # the wrappers return one tensor
+        differences[tuple(inputs[0].shape)] = mindir.max_abs_difference(expected, graph(*tensors).asnumpy())
+    return differences
+
+
 def format_summary(summary: ExportSummary) -> List[str]:
-    lines = [f"MindIR      {summary.mindir}  ({summary.kind}; inputs int32 [batch, length] x3, both dynamic)",
+    lines = [f"MindIR      {summary.mindir}  ({summary.kind}; inputs int32 [batch, length] x3, both dynamic; "
+             f"precision {summary.precision})",
              f"file size   {summary.file_bytes / MEGABYTE:.2f} MB   fp32 parameters "
              f"{summary.parameter_bytes / MEGABYTE:.2f} MB   export {summary.export_seconds:.1f} s"]
     if summary.verify is None:
@@ -163,7 +220,8 @@ def _static_shape(text: str) -> Tuple[int, int]:
 def run_export(args: argparse.Namespace) -> int:
     summary = export_model(args.model, args.output, kind=args.kind, encoder_output=args.encoder_output,
                            atol=args.atol, verify=not args.no_verify, lite_quant=args.lite_quant,
-                           npu_shape=args.npu_shape, log=lambda message: print(message, flush=True))
+                           npu_shape=args.npu_shape, log=lambda message: print(message, flush=True),
+                           precision=args.precision, amp_dtype=args.amp_dtype)
     for line in format_summary(summary):
         print(line)
     return 0
@@ -190,6 +248,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip the reload check")
     parser.add_argument("--lite-quant", choices=LITE_QUANT_CHOICES, default="none",
                         help="dynamic8: add DYNAMIC_QUANT bit_num=8 to the Lite CPU config")
+    parser.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp32",
+                        help="O1/O2/O3: export the mixed-precision graph (float16 compute, float32 weights), for "
+                             "Ascend/GPU serving; keep fp32 for the phone (the Lite converter chooses float16 itself)")
+    parser.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16",
+                        help="low-precision type of --precision O1-O3 (bfloat16: Ascend only)")
     parser.add_argument("--npu-shape", type=_static_shape, default=DEFAULT_NPU_SHAPE, metavar="BATCH,LENGTH",
                         help="static input shape of the Kirin NPU model (default 1,128)")
     parser.set_defaults(func=run_export)

@@ -142,8 +142,21 @@ class RelativePositions(nn.Cell):
         return ops.gather(self.table, index, 0)  # (L, L, D)
 
 
+def low_precision_matmul(left, right, dtype):
+    """left @ right with both operands cast to `dtype` (float16 / bfloat16) and the product returned as float32.
+
+    For the bare matmuls of a cell under O1 mixed precision (models/precision.py), where nn.Dense is handled by
+    MindSpore's `to_float` but an `ops.matmul` inside a float32 cell is not.
+    """
+    return ops.matmul(left.astype(dtype), right.astype(dtype)).astype(ms.float32)
+
+
 class NezhaSelfAttention(nn.Cell):
     """Multi-head self-attention with optional NEZHA relative terms on keys and values."""
+
+    # None: the score and context matmuls run in the type of their inputs. models/precision.py sets float16 (or
+    # bfloat16) on an O1 copy: the matmuls then run in that type while softmax and the rest stay float32.
+    matmul_dtype = None
 
     def __init__(self, config: NezhaConfig, num_heads: int, site: int = 0):
         super().__init__()
@@ -158,6 +171,11 @@ class NezhaSelfAttention(nn.Cell):
         self.dropout = _dropout(config, config.attention_dropout, site)
         self.softmax = nn.Softmax(axis=-1)
 
+    def _matmul(self, left, right):
+        if self.matmul_dtype is None:
+            return ops.matmul(left, right)
+        return low_precision_matmul(left, right, self.matmul_dtype)
+
     def _split_heads(self, x, batch, seq_length):
         x = x.reshape(batch, seq_length, self.num_heads, self.head_dim)  # (B, L, N, D)
         return x.transpose(0, 2, 1, 3)  # (B, N, L, D)
@@ -167,11 +185,11 @@ class NezhaSelfAttention(nn.Cell):
         query = self._split_heads(self.query(hidden), batch, seq_length)  # (B, N, L, D)
         key = self._split_heads(self.key(hidden), batch, seq_length)
         value = self._split_heads(self.value(hidden), batch, seq_length)
-        scores = ops.matmul(query, key.transpose(0, 1, 3, 2))  # (B, N, L, L)
+        scores = self._matmul(query, key.transpose(0, 1, 3, 2))  # (B, N, L, L)
         if self.relative:
             relative = relative.astype(query.dtype)
             query_by_position = query.transpose(2, 0, 1, 3).reshape(seq_length, -1, self.head_dim)  # (L, B*N, D)
-            relative_scores = ops.matmul(query_by_position, relative.transpose(0, 2, 1))  # (L, B*N, L)
+            relative_scores = self._matmul(query_by_position, relative.transpose(0, 2, 1))  # (L, B*N, L)
             relative_scores = relative_scores.reshape(seq_length, batch, self.num_heads, seq_length)  # (L, B, N, L)
             scores = scores + relative_scores.transpose(1, 2, 0, 3)  # (B, N, L, L)
         # The relative term is added before the scale, as in the reference; this tensor (scaled, masked, before
@@ -180,10 +198,10 @@ class NezhaSelfAttention(nn.Cell):
         probs = self.dropout(self.softmax(scores))  # (B, N, L, L)
         if head_mask is not None:
             probs = probs * head_mask.reshape(1, -1, 1, 1).astype(probs.dtype)
-        context = ops.matmul(probs, value)  # (B, N, L, D)
+        context = self._matmul(probs, value)  # (B, N, L, D)
         if self.relative:
             probs_by_position = probs.transpose(2, 0, 1, 3).reshape(seq_length, -1, seq_length)  # (L, B*N, L)
-            relative_context = ops.matmul(probs_by_position, relative)  # (L, B*N, D)
+            relative_context = self._matmul(probs_by_position, relative)  # (L, B*N, D)
             relative_context = relative_context.reshape(seq_length, batch, self.num_heads, self.head_dim)
             context = context + relative_context.transpose(1, 2, 0, 3)  # (B, N, L, D)
         context = context.transpose(0, 2, 1, 3).reshape(batch, seq_length, -1)  # (B, L, N*D)
@@ -351,6 +369,8 @@ class NezhaForSequenceClassification(nn.Cell):
 class NezhaMaskedLMHead(nn.Cell):
     """dense + activation + LayerNorm, then a decoder tied to the word embeddings (plus its own bias)."""
 
+    matmul_dtype = None  # as in NezhaSelfAttention: set on an O1 copy for the decoder matmul
+
     def __init__(self, config: NezhaConfig):
         super().__init__()
         self.dense = _dense(config.hidden_size, config.hidden_size, config)
@@ -361,7 +381,11 @@ class NezhaMaskedLMHead(nn.Cell):
     def construct(self, hidden, table):
         """`table` is the word-embedding table (V, H): passed in, not owned, so the weight stays tied."""
         hidden = self.layer_norm(self.activation(self.dense(hidden)))  # (..., H)
-        return ops.matmul(hidden, table.astype(hidden.dtype).T) + self.bias.astype(hidden.dtype)  # (..., V)
+        if self.matmul_dtype is None:
+            logits = ops.matmul(hidden, table.astype(hidden.dtype).T)  # (..., V)
+        else:
+            logits = low_precision_matmul(hidden, table.T, self.matmul_dtype)  # (..., V)
+        return logits + self.bias.astype(logits.dtype)
 
 
 class NezhaForMaskedLM(nn.Cell):
