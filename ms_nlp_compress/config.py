@@ -133,7 +133,8 @@ class RuntimeConfig:
     device: str = "cpu"
     device_id: int = 0
     mode: str = "graph"  # graph (compiled) is the default; pynative is for debugging
-    precision: str = "fp32"  # fp32 | O1 | O2 | O3 (mindspore.amp levels; fp32 master weights always)
+    precision: str = "fp32"  # fp32 | O1 | O2 | O3 (runtime.apply_precision; fp32 master weights always)
+    amp_dtype: str = "float16"  # the low-precision type of O1-O3: float16, or bfloat16 (Ascend only)
     seed: int = 42
     cpu_threads: Optional[int] = None  # None: MindSpore's default; 1 per rank under msrun on small machines
     graph_kernel_fusion: bool = False
@@ -144,6 +145,13 @@ class RuntimeConfig:
         _check(self.mode in MODES, f"{prefix}.mode", f"must be one of {MODES}, got {self.mode!r}")
         _check(self.precision in PRECISIONS, f"{prefix}.precision",
                f"must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.amp_dtype in ("float16", "bfloat16"), f"{prefix}.amp_dtype",
+               f"must be float16 or bfloat16, got {self.amp_dtype!r}")
+        _check(self.amp_dtype != "bfloat16" or self.device == "ascend", f"{prefix}.amp_dtype",
+               f"bfloat16 needs device ascend (device is {self.device}; MindSpore has no bfloat16 kernels there); "
+               "use float16")
+        _check(self.amp_dtype != "bfloat16" or self.precision != "fp32", f"{prefix}.amp_dtype",
+               "bfloat16 is the compute type of precision O1-O3; precision is fp32")
         _check(self.device_id >= 0, f"{prefix}.device_id", "must be >= 0")
         if self.cpu_threads is not None:
             _check(self.cpu_threads > 0, f"{prefix}.cpu_threads", "must be > 0")

@@ -247,3 +247,20 @@ def test_mixed_precision_export_reloads_and_matches(tmp_path, graph_mode):
     with pytest.raises(commands.ExportError, match="runtime.amp_dtype: bfloat16 needs device ascend"):
         commands.export_model(model_dir, tmp_path / "out" / "bf16", precision="O2", amp_dtype="bfloat16",
                               log=lambda message: None)
+
+
+def test_amp_dtype_config_key():
+    from pathlib import Path
+
+    from ms_nlp_compress.config import load_config
+
+    configs = Path(__file__).resolve().parents[2] / "ascend_configs"
+    with pytest.raises(ConfigError, match="runtime.amp_dtype: bfloat16 needs device ascend"):
+        load_config(configs / "vader_sst2_cpu.yaml", ["runtime.precision=O2", "runtime.amp_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="runtime.amp_dtype: must be float16 or bfloat16"):
+        load_config(configs / "vader_sst2_cpu.yaml", ["runtime.amp_dtype=float8"])
+    with pytest.raises(ConfigError, match="runtime.amp_dtype: bfloat16 is the compute type of precision O1-O3"):
+        load_config(configs / "vader_sst2_cpu.yaml", ["runtime.device=ascend", "runtime.amp_dtype=bfloat16"])
+    ascend = load_config(configs / "vader_sst2_cpu.yaml",
+                         ["runtime.device=ascend", "runtime.precision=O2", "runtime.amp_dtype=bfloat16"])
+    assert ascend.runtime.amp_dtype == "bfloat16"  # allowed where MindSpore has bfloat16 kernels
