@@ -157,9 +157,10 @@ class RaggedEncoding:
     def take(self, rows: np.ndarray) -> "RaggedEncoding":
         """The given rows, in the given order."""
         rows = np.asarray(rows, dtype=np.int64)
-        lengths = self.lengths[rows]
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts  # not self.lengths[rows]: that diffs every row of a big window
         row_of, within = ragged_positions(lengths)
-        source = self.offsets[rows][row_of] + within
+        source = starts[row_of] + within
         return RaggedEncoding(self.input_ids[source], None if self.word_ids is None else self.word_ids[source],
                               _offsets_of(lengths), self.first_segment[rows])
 
