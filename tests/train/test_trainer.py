@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mindspore import Tensor
+
 import tiny_task
 from ms_nlp_compress.errors import CheckpointError, ConfigError
 from ms_nlp_compress.train.batches import ArrayBatches
@@ -133,32 +135,35 @@ def test_dynamic_padding_trims_to_the_longest_row():
     assert ids.shape == (2, 3) and mask.shape == (2, 3)
 
 
-def test_o2_mixed_precision_trains_with_dynamic_loss_scale(tmp_path, graph_mode, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # amp may write a rewritten_network/ folder into the working directory
-    trainer, model = tiny_task.build(tmp_path / "o2", kernels="fused", max_steps=6, save_every=6, eval_every=0)
+@pytest.mark.parametrize("level, kernels", [("O2", "fused"), ("O1", "cpu")])
+def test_mixed_precision_trains_with_dynamic_loss_scale(tmp_path, graph_mode, monkeypatch, level, kernels):
+    """The Trainer differentiates the float16 copy apply_precision returns (its logits are float16 values), updates
+    the model's own float32 Parameters, and the model itself still evaluates in float32. Fails if amp is a no-op."""
+    monkeypatch.chdir(tmp_path)  # mindspore.amp's O1 wrote a rewritten_network/ folder here; ours writes nothing
+    trainer, model = tiny_task.build(tmp_path / "amp", kernels=kernels, max_steps=6, save_every=6, eval_every=0)
     assert trainer.scaler.mode == "none"  # fp32 config: no scaling
     trainer_config = trainer.config
-    trainer_config.runtime.precision = "O2"
+    trainer_config.runtime.precision = level
     import ms_nlp_compress.train.trainer as trainer_module
 
-    o2 = trainer_module.Trainer(trainer_config, model, trainer.step.loss_cell, trainer.batches, tmp_path / "o2b",
-                                log=lambda message: None)
-    assert o2.scaler.mode == "dynamic" and o2.scaler.scale == 65536.0
+    fp32_loss_cell = trainer.step.loss_cell
+    mixed = trainer_module.Trainer(trainer_config, model, fp32_loss_cell, trainer.batches, tmp_path / "ampb",
+                                   log=lambda message: None)
+    assert mixed.scaler.mode == "dynamic" and mixed.scaler.scale == 65536.0
+    assert mixed.loss_cell is not fp32_loss_cell
     before = tiny_task.weights(model)
-    result = o2.fit()
+    result = mixed.fit()
     after = tiny_task.weights(model)
     assert result.updates == 6 and result.updates - result.skipped_updates >= 1
     assert all(value.dtype == np.float32 for value in after.values() if value.dtype.kind == "f")  # fp32 masters
     assert any(not np.array_equal(before[name], after[name]) for name in before if "classifier" in name)
-
-
-def test_mixed_precision_with_cpu_kernels_is_refused(tmp_path):
-    from ms_nlp_compress.config import NezhaConfig
-    from ms_nlp_compress.errors import ConfigError
-    from ms_nlp_compress.models.nezha import NezhaModel
-    from ms_nlp_compress.runtime import apply_precision
-
-    model = NezhaModel(NezhaConfig(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                                   kernels="cpu"))
-    with pytest.raises(ConfigError, match="model.kernels: fused"):
-        apply_precision(model, "O2")
+    columns = tiny_task.columns(size=8, seed=5)
+    inputs = [Tensor(columns[name]) for name in tiny_task.ORDER[:3]]
+    mixed.loss_cell.set_train(False)
+    model.set_train(False)
+    trained_logits = mixed.loss_cell.model(*inputs)[0].asnumpy()
+    model_logits = model(*inputs)[0].asnumpy()
+    assert np.array_equal(trained_logits, trained_logits.astype(np.float16).astype(np.float32))  # fp16 classifier
+    assert np.mean(model_logits == model_logits.astype(np.float16).astype(np.float32)) < 0.2  # the model: fp32
+    assert np.abs(trained_logits - model_logits).max() < 5e-2
+    assert not (tmp_path / "rewritten_network").exists()
