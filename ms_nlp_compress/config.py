@@ -496,14 +496,21 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     """Load, merge, override, type-check and validate a config. Errors name the key and the file."""
     source = str(Path(path).resolve()) if path is not None else "<defaults>"
     values = _read_yaml(Path(path)) if path is not None else {}
+    own = {}
+    if path is not None:  # the file's own keys, without its `base:` chain
+        own = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        own.pop("base", None)
     if overrides:
         values = apply_overrides(values, overrides)
+        own = apply_overrides(own, overrides)
         source = f"{source} (with --set {' '.join(overrides)})"
     config = from_mapping(cls, values, source)
     _validate_with_source(config, source)
     # What the files and --set actually said (dotted keys), as opposed to dataclass defaults: lets a command tell a
-    # value the user chose from one nobody wrote (e.g. architecture keys against a checkpoint's own config).
+    # value the user chose from one nobody wrote. `_given_keys`: anywhere in the base chain; `_own_keys`: in the
+    # file itself or --set, i.e. not inherited from a preset (see train/finetune.py: model_config_for).
     object.__setattr__(config, "_given_keys", frozenset(_dotted_keys(values)))
+    object.__setattr__(config, "_own_keys", frozenset(_dotted_keys(own)))
     object.__setattr__(config, "_source", source)
     return config
 
@@ -516,9 +523,10 @@ def _dotted_keys(values: Dict[str, Any], prefix: str = ""):
             yield from _dotted_keys(value, dotted + ".")
 
 
-def given_keys(config: Any) -> Optional[frozenset]:
-    """The dotted keys written in the config files and --set overrides; None for a config built in code."""
-    return getattr(config, "_given_keys", None)
+def given_keys(config: Any, inherited: bool = True) -> Optional[frozenset]:
+    """The dotted keys written in the config file, its `base:` chain (unless `inherited=False`) and --set
+    overrides; None for a config built in code."""
+    return getattr(config, "_given_keys" if inherited else "_own_keys", None)
 
 
 def config_source(config: Any) -> str:

@@ -85,10 +85,11 @@ RUN_TIME_MODEL_KEYS = ("hidden_dropout", "attention_dropout", "dropout_impl", "k
 def model_config_for(config: ExperimentConfig, pretrained: Optional[Path]) -> NezhaConfig:
     """The model config of a run that starts from `pretrained`.
 
-    Architecture keys come from the checkpoint; a value the user wrote that contradicts it is an error naming the
-    key (silently building another shape, or silently ignoring the user, are both wrong). Run-time keys (dropout
-    rates, dropout implementation, kernels) come from the user's config when written there, else from the
-    checkpoint's config (its dropout rates) or our defaults.
+    Architecture keys come from the checkpoint; a value written in the config file itself or with --set that
+    contradicts it is an error naming the key (silently building another shape, or silently ignoring the user, are
+    both wrong); values inherited from a preset through `base:` are defaults and yield to the checkpoint. Run-time
+    keys (dropout rates, dropout implementation, kernels) come from the user's config when written anywhere in
+    it, else from the checkpoint's config (its dropout rates) or our defaults.
     """
     import dataclasses
 
@@ -98,14 +99,14 @@ def model_config_for(config: ExperimentConfig, pretrained: Optional[Path]) -> Ne
     if pretrained is None:
         return config.model
     model_config = pretrained_config(pretrained)
-    given = given_keys(config)
+    given, own = given_keys(config), given_keys(config, inherited=False)
     for field in dataclasses.fields(NezhaConfig):
         name, key = field.name, f"model.{field.name}"
         user_value, saved_value = getattr(config.model, name), getattr(model_config, name)
         if name in RUN_TIME_MODEL_KEYS:
             if given is None or key in given:
                 setattr(model_config, name, user_value)
-        elif given is not None and key in given and user_value != saved_value:
+        elif own is not None and key in own and user_value != saved_value:
             raise ConfigError(f"{config_source(config)}: {key} is {user_value!r} but the checkpoint {pretrained} "
                               f"has {saved_value!r}: architecture keys come from the checkpoint; remove {key} "
                               f"from the config or use --set {key}={saved_value}")

@@ -209,6 +209,16 @@ def test_run_time_model_keys_come_from_the_user_and_architecture_from_the_checkp
     with pytest.raises(ConfigError, match=r"run.yaml.*model.num_layers is 4 but the checkpoint .* has 2.*"
                                           r"--set model.num_layers=2"):
         model_config_for(load_config(config_file, ["model.num_layers=4"]), directory)
+    # architecture inherited from a preset (`base:`) yields to the checkpoint: a preset for MiniLM serves any
+    # checkpoint; a run-time key from the preset still applies
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("model:\n  num_layers: 6\n  hidden_size: 384\n  num_heads: 12\n  attention_dropout: 0.05\n")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: preset.yaml\npretrained: {directory}\n")
+    inherited = model_config_for(load_config(child), directory)
+    assert (inherited.num_layers, inherited.hidden_size, inherited.attention_dropout) == (2, 16, 0.05)
+    with pytest.raises(ConfigError, match="child.yaml.*model.num_layers is 6"):
+        model_config_for(load_config(child, ["model.num_layers=6"]), directory)
 
 
 # ---------------------------------------------------------------------------------------------------------------
