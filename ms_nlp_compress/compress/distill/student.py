@@ -173,11 +173,11 @@ def build_student(distill: DistillConfig, teacher_config: NezhaConfig, num_label
         if num_labels is not None and saved_architecture(pretrained) == type(cell).__name__:
             load_pretrained(cell, pretrained)  # a stage-1 student: its head too
         else:  # a general-distilled backbone: the task head (and a pooler it never had) start fresh
-            report = load_pretrained(backbone, pretrained, strict=False)
-            problems = [name for name in report.missing if not name.startswith("pooler.")]
-            if problems or report.mismatched or report.unexpected:
-                raise CheckpointError(f"distill.student_init_path: {pretrained} does not fit the student:\n"
-                                      + report.describe())
+            try:  # strict: missing, mis-shaped, wrongly typed or refused tensors are errors (a pooler starts fresh)
+                load_pretrained(backbone, pretrained)
+            except CheckpointError as err:
+                raise CheckpointError(f"distill.student_init_path: {pretrained} does not fit the student:\n{err}") \
+                    from None
     elif distill.student_init == "teacher_layers":
         if teacher_weights is None:
             raise ConfigError("distill.student_init: teacher_layers needs the teacher's weights")
