@@ -200,6 +200,9 @@ def format_summary(summary: ExportSummary) -> List[str]:
         for shape, difference in summary.verify.max_differences.items():
             lines.append(f"            input {shape} -> output {summary.verify.output_shapes[shape]}: "
                          f"max |diff| {difference:.3g}")
+    if summary.float32_differences:
+        lines.append(f"precision   {summary.precision} vs the float32 model: " + ", ".join(
+            f"input {shape} max |diff| {difference:.3g}" for shape, difference in summary.float32_differences.items()))
     if summary.lite is not None:
         lines += [f"Lite        {summary.lite.converter_script}",
                   f"            {summary.lite.config}",
