@@ -8,13 +8,15 @@ used the dev set, which then also selects the model).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import ParameterTuple, Tensor, nn, ops
 
 from ms_nlp_compress.compress.quant.primitives import validate_finite
+from ms_nlp_compress.train.losses import cross_entropy
 
 
 def head_importance(loss_fn: Callable, batches: Iterable, num_layers: int, num_heads: int,
@@ -84,3 +86,108 @@ def ffn_importance(intermediate_weight, intermediate_bias, intermediate_weight_g
         + intermediate_bias * intermediate_bias_grad  # (ffn_size,)
     activation_term = (output_weight * output_weight_grad).sum(axis=0)  # (ffn_size,)
     return ops.abs(pre_activation_term) + ops.abs(activation_term)
+
+
+# ---------------------------------------------------------------- whole model ------------------------------------
+@dataclass
+class Importance:
+    """Scores of one model: heads[l] (num_heads of layer l,) and neurons[l] (FFN size of layer l,), float64."""
+
+    heads: Tuple[np.ndarray, ...]
+    neurons: Tuple[np.ndarray, ...]
+    batches: int = 0
+
+
+class _MaskedTaskLoss(nn.Cell):
+    """The fine-tuned model's own task loss with a head mask: cross-entropy, or MSE for a regression head."""
+
+    def __init__(self, model: nn.Cell):
+        super().__init__(auto_prefix=False)  # no renaming of the model's Parameters
+        self.model = model
+        self.regression = model.num_labels == 1
+
+    def construct(self, head_mask, input_ids, attention_mask, token_type_ids, labels):
+        logits = self.model(input_ids, attention_mask, token_type_ids, head_mask)[0]  # (B, C)
+        if self.regression:
+            error = logits.astype(ms.float32).reshape(-1) - labels.astype(ms.float32)
+            return (error * error).mean()
+        return cross_entropy(logits, labels)
+
+
+class _ImportanceGradients(nn.Cell):
+    """One compiled graph per batch shape: |dL/d head_mask| and every layer's FFN neuron scores."""
+
+    def __init__(self, model: nn.Cell, ffn_cells):
+        super().__init__(auto_prefix=False)
+        self.loss = _MaskedTaskLoss(model)
+        weights = []
+        for ffn in ffn_cells:
+            weights += [ffn.intermediate.weight, ffn.intermediate.bias, ffn.output.weight]
+        self.weights = ParameterTuple(weights)
+        self.grad_fn = ms.grad(self.loss, grad_position=0, weights=self.weights)
+        self.num_layers = len(ffn_cells)
+
+    def construct(self, head_mask, input_ids, attention_mask, token_type_ids, labels):
+        head_grad, weight_grads = self.grad_fn(head_mask, input_ids, attention_mask, token_type_ids, labels)
+        scores = ()
+        for layer in range(self.num_layers):
+            w1, b1, w2 = self.weights[3 * layer], self.weights[3 * layer + 1], self.weights[3 * layer + 2]
+            g_w1, g_b1, g_w2 = weight_grads[3 * layer], weight_grads[3 * layer + 1], weight_grads[3 * layer + 2]
+            scores = scores + (ffn_importance(w1, b1, g_w1, g_b1, w2, g_w2),)
+        return ops.abs(head_grad), scores
+
+
+class ImportanceScorer:
+    """Head and FFN-neuron importance of a `NezhaForSequenceClassification` under its task loss.
+
+    `scorer(batches)` sums, over batches of (input_ids, attention_mask, token_type_ids, labels), the per-batch
+    |dL/d head_mask| and `ffn_importance`; the model runs in eval mode (no dropout: deterministic scores). The
+    gradient graph is compiled once (in graph mode) and reused by later calls, e.g. to score the rewired model.
+    Feed it a held-out slice of the TRAINING data (`held_out_rows`). `reduce`, when given, maps each summed numpy
+    array to its sum over data-parallel ranks (e.g. an AllReduce), so every rank rewires identically.
+    """
+
+    def __init__(self, model: nn.Cell, reduce: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+        layers = list(model.bert.encoder.layers)
+        self.model = model
+        self.layer_heads = tuple(layer.num_heads for layer in layers)
+        self.gradients = _ImportanceGradients(model, [layer.ffn for layer in layers])
+        self.reduce = reduce
+
+    def __call__(self, batches: Iterable) -> Importance:
+        self.model.set_train(False)
+        num_layers, max_heads = len(self.layer_heads), max(self.layer_heads)
+        head_mask = Tensor(np.ones((num_layers, max_heads), np.float32))
+        heads = np.zeros((num_layers, max_heads), np.float64)
+        neurons = None
+        count = 0
+        for index, batch in enumerate(batches):
+            head_grad, scores = self.gradients(head_mask, *batch)
+            head_grad = head_grad.asnumpy()
+            validate_finite(f"head-mask gradient of importance batch {index}", head_grad)
+            scores = [score.asnumpy().astype(np.float64) for score in scores]
+            for layer, score in enumerate(scores):
+                validate_finite(f"FFN importance of layer {layer} in importance batch {index}", score)
+            heads += head_grad
+            neurons = scores if neurons is None else [total + score for total, score in zip(neurons, scores)]
+            count += 1
+        if count == 0:
+            raise ValueError("importance: no batches (is the held-out slice empty?)")
+        if self.reduce is not None:
+            heads = self.reduce(heads)
+            neurons = [self.reduce(score) for score in neurons]
+        return Importance(tuple(heads[layer, :n].copy() for layer, n in enumerate(self.layer_heads)),
+                          tuple(neurons), count)
+
+
+def held_out_rows(num_rows: int, count: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(importance rows, remaining rows) of a training set: a seeded random `count` rows scored for importance
+    (instead of the dev set, which would then also select the model), and the rest, both sorted."""
+    if num_rows < 1:
+        raise ValueError(f"importance: the training set is empty (num_rows={num_rows})")
+    if count < 1:
+        raise ValueError(f"dynabert.importance_examples must be >= 1, got {count}")
+    count = min(count, num_rows)
+    chosen = np.sort(np.random.default_rng(seed).choice(num_rows, size=count, replace=False))
+    rest = np.setdiff1d(np.arange(num_rows), chosen)
+    return chosen, rest

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
+from mindspore import Tensor
 
 from ms_nlp_compress.compress.quant.primitives import validate_finite
 
@@ -89,3 +90,50 @@ def permute_ffn(in_w, in_b, out_w, order) -> Tuple[np.ndarray, np.ndarray, np.nd
         raise ValueError(f"permute_ffn: out_w has shape {out_w.shape}, expected (hidden, {ffn_size})")
     order = _check_permutation(order, ffn_size, "permute_ffn")
     return in_w[order], in_b[order], out_w[:, order]
+
+
+def rewire_model(model, head_scores, neuron_scores) -> Tuple[Tuple[np.ndarray, ...], Tuple[np.ndarray, ...]]:
+    """Rewire a `NezhaForSequenceClassification` (or `NezhaModel`) in place: in every layer, heads and FFN neurons
+    sorted by descending importance (stable), so width w keeps the most important ones as leading slices.
+
+    head_scores[l] / neuron_scores[l]: the layer's scores (an `Importance`'s heads / neurons). Every new array is
+    computed and checked before any Parameter is assigned. Returns (head orders, neuron orders) per layer: new unit
+    j of layer l is old unit order[l][j]. Parameter objects and names are kept (set_data), so optimizers, sub-networks
+    and checkpoints built on the model stay valid.
+    """
+    backbone = model.bert if hasattr(model, "bert") else model
+    layers = list(backbone.encoder.layers)
+    if len(head_scores) != len(layers) or len(neuron_scores) != len(layers):
+        raise ValueError(f"rewire_model: {len(head_scores)} head and {len(neuron_scores)} neuron score lists for a "
+                         f"{len(layers)}-layer model")
+    head_dim = backbone.config.attention_head_size
+    updates, head_orders, neuron_orders = [], [], []
+    for index, layer in enumerate(layers):
+        attention = layer.attention.self_attention
+        dense = [attention.query, attention.key, attention.value]
+        output = layer.attention.output.dense
+        if np.shape(head_scores[index]) != (layer.num_heads,):
+            raise ValueError(f"rewire_model: layer {index} has {layer.num_heads} heads but its head scores have "
+                             f"shape {np.shape(head_scores[index])}")
+        head_order = order_by_importance(np.asarray(head_scores[index]))
+        arrays = []
+        for cell in dense:
+            arrays += [cell.weight.asnumpy(), cell.bias.asnumpy()]
+        permuted = permute_heads(*arrays, output.weight.asnumpy(), head_order, head_dim)
+        params = []
+        for cell in dense:
+            params += [cell.weight, cell.bias]
+        updates += list(zip(params + [output.weight], permuted))
+        ffn = layer.ffn
+        if np.shape(neuron_scores[index]) != (ffn.intermediate.weight.shape[0],):
+            raise ValueError(f"rewire_model: layer {index} has {ffn.intermediate.weight.shape[0]} FFN neurons but "
+                             f"its neuron scores have shape {np.shape(neuron_scores[index])}")
+        neuron_order = order_by_importance(np.asarray(neuron_scores[index]))
+        permuted = permute_ffn(ffn.intermediate.weight.asnumpy(), ffn.intermediate.bias.asnumpy(),
+                               ffn.output.weight.asnumpy(), neuron_order)
+        updates += list(zip([ffn.intermediate.weight, ffn.intermediate.bias, ffn.output.weight], permuted))
+        head_orders.append(head_order)
+        neuron_orders.append(neuron_order)
+    for param, value in updates:  # every permutation built and checked: assign
+        param.set_data(Tensor(np.ascontiguousarray(value), dtype=param.dtype))
+    return tuple(head_orders), tuple(neuron_orders)
