@@ -1,4 +1,9 @@
-"""`msnc augment`: TinyBERT data augmentation of a task's TSV (or of a one-sentence-per-line file).
+"""`msnc distill general|task` (TinyBERT's distillations, compress/distill/run.py) and `msnc augment` (TinyBERT
+data augmentation of a task's TSV or of a one-sentence-per-line file).
+
+    msnc distill general --config X.yaml [--set k=v ...] [--no-resume]     teacher backbone -> student on a corpus
+    msnc distill task --config X.yaml [--set k=v ...] [--no-resume]        fine-tuned teacher -> student, 2 stages
+    bash scripts/run_distributed.sh N distill general --config X.yaml      data parallel over N ranks (msrun)
 
     msnc augment --model DIR --input train.tsv --output train_aug.tsv [--vectors model|none|glove.txt] [--no-mlm]
                  [--candidates 15] [--replace-prob 0.4] [--samples 20] [--seed 42] [--batch-size 64]
@@ -118,7 +123,42 @@ def run_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_distill(args: argparse.Namespace) -> int:
+    import json
+
+    from ms_nlp_compress.compress.distill.run import run_general, run_task
+    from ms_nlp_compress.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    run = run_general if args.distill_command == "general" else run_task
+    report = run(config, resume=not args.no_resume)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_distill_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "distill", help="TinyBERT distillation: general (corpus, backbone teacher) or task (fine-tuned teacher)",
+        description="TinyBERT distillation into a smaller student (the `distill:` config section).")
+    stages = parser.add_subparsers(dest="distill_command", required=True)
+    helps = {
+        "general": ("general distillation: a pre-trained backbone (distill.teacher or pretrained) teaches a student "
+                    "on distill.corpus (one sentence per line), intermediate layers only; writes "
+                    "<output_dir>/student"),
+        "task": ("task distillation: a fine-tuned classifier (distill.teacher) teaches a student, stage 1 "
+                 "intermediate layers (on distill.augmented_train when given), stage 2 predictions with best-dev "
+                 "selection; writes <output_dir>/best and results.json"),
+    }
+    for name, text in helps.items():
+        command = stages.add_parser(name, help=text, description=text)
+        command.add_argument("--config", required=True)
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        command.add_argument("--no-resume", action="store_true", help="ignore checkpoints in output_dir")
+        command.set_defaults(func=run_distill)
+
+
 def add_parser(subparsers) -> None:
+    add_distill_parser(subparsers)
     parser = subparsers.add_parser(
         "augment", help="TinyBERT data augmentation (MLM and word-vector routes)",
         description="Replace words by masked-LM candidates (single-piece words, when --model is a NezhaForMaskedLM "
@@ -148,7 +188,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    """`python -m ms_nlp_compress.compress.distill.commands augment ...` (the same as `msnc augment`)."""
+    """`python -m ms_nlp_compress.compress.distill.commands augment|distill ...` (the same as `msnc ...`)."""
     from ms_nlp_compress.errors import MsncError
 
     parser = argparse.ArgumentParser(prog="msnc")

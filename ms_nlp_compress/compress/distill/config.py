@@ -8,16 +8,16 @@ and every error names the key and BOTH sides.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 from ms_nlp_compress.compress.distill.mapping import LayerMapping, explicit_mapping, uniform_mapping
-from ms_nlp_compress.config import NezhaConfig
 from ms_nlp_compress.errors import ConfigError
 
 STUDENT_INITS = ("scratch", "pretrained", "teacher_layers")
 PROJECTIONS = ("shared", "per_layer", "none")
 WEIGHT_KEYS = ("embedding_weight", "hidden_weight", "attention_weight", "prediction_weight", "hard_label_weight")
+STAGES = ("intermediate", "prediction")  # TinyBERT task distillation: stage 1, stage 2
 
 
 @dataclass
@@ -46,6 +46,15 @@ class DistillConfig:
     prediction_weight: float = 1.0
     hard_label_weight: float = 0.0
     temperature: float = 1.0
+    # The commands (compress/distill/run.py):
+    corpus: Optional[str] = None  # `distill general`: one sentence per line (`cache:brown/corpus.txt`)
+    stages: List[str] = field(default_factory=lambda: list(STAGES))  # `distill task`: the stages to run, in order
+    augmented_train: Optional[str] = None  # `distill task`: `msnc augment`'s TSV (the task's train format);
+    # null: data.data_dir/train.tsv (subsampled per data.train_limit)
+    augmented_stages: List[str] = field(default_factory=lambda: list(STAGES))  # stages that read augmented_train
+    # (the reference code trains both on the augmented set)
+    intermediate_train: Dict[str, Any] = field(default_factory=dict)  # `train:` keys overridden for stage 1
+    prediction_train: Dict[str, Any] = field(default_factory=dict)  # `train:` keys overridden for stage 2
 
     def validate(self, prefix: str = "distill") -> None:
         def check(condition: bool, key: str, message: str) -> None:
@@ -80,6 +89,24 @@ class DistillConfig:
                 check(len(values) > 0, key, "must list one teacher layer per student layer")
                 check(all(value >= 1 for value in values), key,
                       f"teacher layers are numbered 1..T (0 is the embedding output, always matched), got {values}")
+        for key in ("stages", "augmented_stages"):
+            values = getattr(self, key)
+            check(all(value in STAGES for value in values), key, f"entries must be among {STAGES}, got {values}")
+            check(len(set(values)) == len(values), key, f"an entry is repeated: {values}")
+        check(len(self.stages) > 0, "stages", f"nothing to run: list one or both of {STAGES}")
+        check(list(self.stages) == [stage for stage in STAGES if stage in self.stages], "stages",
+              f"stage 1 (intermediate) runs before stage 2 (prediction), got {self.stages}")
+        for stage in STAGES:
+            self.stage_train(TrainConfig(), stage, prefix)  # unknown keys, wrong types, bad values
+
+    def stage_train(self, train: TrainConfig, stage: str, prefix: str = "distill") -> TrainConfig:
+        """The `train:` section with `<stage>_train`'s keys overridden (typed and validated; errors name the key)."""
+        key = f"{stage}_train"
+        overrides = getattr(self, key)
+        typed = from_mapping(TrainConfig, overrides, f"{prefix}.{key} (overrides of train:)", f"{prefix}.{key}")
+        resolved = dataclasses.replace(train, **{name: getattr(typed, name) for name in overrides})
+        resolved.validate(f"{prefix}.{key}")
+        return resolved
 
     # ------------------------------------------------------------------------------------------------------------
     def uses_hidden(self) -> bool:
@@ -166,3 +193,8 @@ class AugmentConfig:
         check(0.0 <= self.replace_prob <= 1.0, "replace_prob", f"must be in [0, 1], got {self.replace_prob}")
         check(self.max_length >= 5, "max_length", f"must be >= 5 (room for specials and a word), got "
                                                   f"{self.max_length}")
+
+
+# ms_nlp_compress.config binds this module's classes at its own end, so this import comes last: whichever of the two
+# modules is imported first, the other then finds every name it needs already defined.
+from ms_nlp_compress.config import NezhaConfig, TrainConfig, from_mapping  # noqa: E402
