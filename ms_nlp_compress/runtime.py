@@ -38,12 +38,37 @@ def setup_runtime(runtime: RuntimeConfig) -> None:
     ms.set_seed(runtime.seed)
 
 
+_cpu_threads_set = None  # what this process set, since MindSpore accepts the setting once and cannot report it
+
+
 def set_cpu_threads(count: int) -> None:
-    """Set the CPU op thread count (MindSpore's default of 25 oversubscribes small machines)."""
+    """Set the CPU op thread count (MindSpore's default of 25 oversubscribes small machines).
+
+    MindSpore takes the setting once per process ("can not be set repeatedly") and cannot report it. Asking again
+    for the count this module already set is fine; asking for another one, or a value MindSpore refuses, is an error
+    naming runtime.cpu_threads; a count set earlier by other code (unknown to us) is kept with a warning. Never a
+    silent no-op: a run would otherwise go on with a thread count nobody chose.
+    """
+    global _cpu_threads_set
+    import sys
+
+    from ms_nlp_compress.errors import ConfigError
+
+    if _cpu_threads_set == count:
+        return
+    configured = getattr(ms.device_context.cpu.op_tuning, "RuntimeConf", None)
+    if _cpu_threads_set is None and configured is not None and \
+            configured.get_instance().is_op_threads_num_configured():
+        print(f"warning: runtime.cpu_threads={count} not applied: this process already set MindSpore's CPU thread "
+              "count elsewhere (it can be set once per process)", file=sys.stderr)
+        return
     try:
         ms.device_context.cpu.op_tuning.threads_num(count)
-    except (AttributeError, RuntimeError):  # already set in this process, or an older API
-        pass
+    except (AttributeError, RuntimeError, TypeError, ValueError) as err:
+        already = f" (this process already set {_cpu_threads_set})" if _cpu_threads_set is not None else ""
+        raise ConfigError(f"runtime.cpu_threads: MindSpore refused {count} threads{already}: {err}; the thread "
+                          "count can be set once per process, so run a new process to change it") from None
+    _cpu_threads_set = count
 
 
 AMP_DTYPES = {"float16": ms.float16, "bfloat16": ms.bfloat16}

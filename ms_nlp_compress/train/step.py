@@ -65,9 +65,11 @@ class LossScaler:
         self.skipped_steps = int(state["skipped_steps"])
 
 
-def resolve_loss_scale_mode(configured: str, precision: str) -> str:
+def resolve_loss_scale_mode(configured: str, precision: str, amp_dtype: str = "float16") -> str:
+    """`auto`: a dynamic scale for float16 mixed precision; none for fp32 and for bfloat16 (float32's exponent range:
+    gradients do not underflow, so scaling buys nothing)."""
     if configured == "auto":
-        return "none" if precision == "fp32" else "dynamic"
+        return "none" if precision == "fp32" or amp_dtype == "bfloat16" else "dynamic"
     return configured
 
 

@@ -134,10 +134,12 @@ class Trainer:
         self.optimizer = optimizer
         from ms_nlp_compress.runtime import apply_precision
 
-        # amp returns the network to run (O1 rewrites, O2/O3 wrap); its Parameters are the model's own fp32 masters.
-        loss_cell = apply_precision(loss_cell, config.runtime.precision)
+        # Mixed precision returns a copy of the loss cell that computes in float16 / bfloat16 and shares every
+        # Parameter (the fp32 masters the optimizer updates and checkpoints save); fp32 returns the cell itself.
+        loss_cell = apply_precision(loss_cell, config.runtime.precision, config.runtime.device,
+                                    amp_dtype=config.runtime.amp_dtype)
         self.loss_cell = loss_cell
-        mode = resolve_loss_scale_mode(self.train.loss_scale, config.runtime.precision)
+        mode = resolve_loss_scale_mode(self.train.loss_scale, config.runtime.precision, config.runtime.amp_dtype)
         self.scaler = LossScaler(mode, self.train.loss_scale_value, self.train.loss_scale_factor,
                                  self.train.loss_scale_window)
         if reducer is None:

@@ -283,3 +283,26 @@ def test_launch_settings_come_from_the_config_and_the_environment_overrides(tmp_
                          f"parallel.rank_table_file={tmp_path / 'table.json'}"], environ={})
     with pytest.raises(ConfigError, match="unknown key.*parallel.gradients_mean"):
         launch_settings(["finetune", "--config", str(config_file), "--set", "parallel.gradients_mean=true"], {})
+
+
+def test_a_refused_thread_count_is_an_error_not_silence():
+    """MindSpore takes the CPU thread count once per process; a second, different request must not pass silently.
+    Runs in a subprocess: the setting is process-wide."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        from ms_nlp_compress.errors import ConfigError
+        from ms_nlp_compress.runtime import set_cpu_threads
+        set_cpu_threads(2)
+        set_cpu_threads(2)  # the same count again: fine
+        try:
+            set_cpu_threads(3)
+        except ConfigError as err:
+            print("REFUSED", err)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REFUSED runtime.cpu_threads: MindSpore refused 3 threads (this process already set 2)" in result.stdout

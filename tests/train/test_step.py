@@ -100,6 +100,7 @@ def test_dynamic_scale_grows_after_a_clean_window():
     static.update(False)
     assert static.scale == 8.0 and static.skipped_steps == 1
     assert resolve_loss_scale_mode("auto", "fp32") == "none" and resolve_loss_scale_mode("auto", "O2") == "dynamic"
+    assert resolve_loss_scale_mode("auto", "O2", "bfloat16") == "none"
 
 
 def test_non_finite_without_scaling_is_an_error(graph_mode):
