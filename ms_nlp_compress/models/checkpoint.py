@@ -43,6 +43,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from ms_nlp_compress.atomic import fsync_dir as _fsync  # files and directories alike
 from ms_nlp_compress.config import NezhaConfig
 from ms_nlp_compress.errors import CheckpointError, ConfigError
 from ms_nlp_compress.models.nezha import NezhaForMaskedLM, NezhaForSequenceClassification, NezhaModel
@@ -252,20 +253,6 @@ def safetensors_names(path: Union[str, Path]) -> List[str]:
             return list(handle.keys())
     except (SafetensorError, OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from None
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or directory to disk (a rename is only durable once both sides are)."""
-    try:
-        handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
 
 
 def write_safetensors(weights: Dict[str, np.ndarray], path: Union[str, Path], metadata: Optional[Dict] = None) -> None:
