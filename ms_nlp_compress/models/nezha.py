@@ -102,6 +102,17 @@ def relative_position_table(num_distances: int, dim: int) -> np.ndarray:
     return table.astype(np.float32)
 
 
+class QuantPoint(nn.Cell):
+    """Identity at a matmul input; `quant.prepare` swaps it for a fake-quant cell.
+
+    Why a cell: the attention matmuls (Q K^T, probs V) and the tied MLM decoder are bare `ops.matmul` calls that a
+    walker over `cells_and_names` cannot reach. No Parameters, so names and numerics of the float model are unchanged.
+    """
+
+    def construct(self, x):
+        return x
+
+
 class NezhaEmbeddings(nn.Cell):
     """Word + token-type (+ absolute position for BERT) embeddings, then LayerNorm and dropout."""
 
@@ -170,6 +181,11 @@ class NezhaSelfAttention(nn.Cell):
         self.relative = config.position_embedding == "relative"
         self.dropout = _dropout(config, config.attention_dropout, site)
         self.softmax = nn.Softmax(axis=-1)
+        # Activation-quant points at the inputs of the score and context matmuls (compress/quant).
+        self.query_quant = QuantPoint()
+        self.key_quant = QuantPoint()
+        self.probs_quant = QuantPoint()
+        self.value_quant = QuantPoint()
 
     def _matmul(self, left, right):
         if self.matmul_dtype is None:
@@ -182,9 +198,9 @@ class NezhaSelfAttention(nn.Cell):
 
     def construct(self, hidden, attention_bias, relative, head_mask):
         batch, seq_length = hidden.shape[0], hidden.shape[1]
-        query = self._split_heads(self.query(hidden), batch, seq_length)  # (B, N, L, D)
-        key = self._split_heads(self.key(hidden), batch, seq_length)
-        value = self._split_heads(self.value(hidden), batch, seq_length)
+        query = self.query_quant(self._split_heads(self.query(hidden), batch, seq_length))  # (B, N, L, D)
+        key = self.key_quant(self._split_heads(self.key(hidden), batch, seq_length))
+        value = self.value_quant(self._split_heads(self.value(hidden), batch, seq_length))
         scores = self._matmul(query, key.transpose(0, 1, 3, 2))  # (B, N, L, L)
         if self.relative:
             relative = relative.astype(query.dtype)
@@ -198,6 +214,7 @@ class NezhaSelfAttention(nn.Cell):
         probs = self.dropout(self.softmax(scores))  # (B, N, L, L)
         if head_mask is not None:
             probs = probs * head_mask.reshape(1, -1, 1, 1).astype(probs.dtype)
+        probs = self.probs_quant(probs)
         context = self._matmul(probs, value)  # (B, N, L, D)
         if self.relative:
             probs_by_position = probs.transpose(2, 0, 1, 3).reshape(seq_length, -1, seq_length)  # (L, B*N, L)
@@ -377,10 +394,11 @@ class NezhaMaskedLMHead(nn.Cell):
         self.activation = Activation(config.hidden_act, config.kernels)
         self.layer_norm = _layer_norm(config, config.hidden_size)
         self.bias = Parameter(initializer("zeros", (config.vocab_size,), ms.float32), name="bias")
+        self.decoder_input_quant = QuantPoint()  # activation quant of the decoder matmul's input (compress/quant)
 
     def construct(self, hidden, table):
         """`table` is the word-embedding table (V, H): passed in, not owned, so the weight stays tied."""
-        hidden = self.layer_norm(self.activation(self.dense(hidden)))  # (..., H)
+        hidden = self.decoder_input_quant(self.layer_norm(self.activation(self.dense(hidden))))  # (..., H)
         if self.matmul_dtype is None:
             logits = ops.matmul(hidden, table.astype(hidden.dtype).T)  # (..., V)
         else:
@@ -396,6 +414,8 @@ class NezhaForMaskedLM(nn.Cell):
         self.bert = NezhaModel(config, add_pooler=False, output_hidden_states=output_hidden_states,
                                output_attentions=output_attentions)
         self.lm_head = NezhaMaskedLMHead(config)
+        # The tied decoder's weight point: a quantized model decodes with the same quantized table it embeds with.
+        self.word_table_quant = QuantPoint()
 
     def construct(self, input_ids, attention_mask=None, token_type_ids=None, masked_positions=None):
         sequence_output, _, all_hidden, all_scores = self.bert(input_ids, attention_mask, token_type_ids)
@@ -403,7 +423,7 @@ class NezhaForMaskedLM(nn.Cell):
             index = masked_positions.astype(ms.int32).expand_dims(-1)  # (B, P, 1)
             index = ops.broadcast_to(index, (index.shape[0], index.shape[1], sequence_output.shape[2]))
             sequence_output = ops.gather_elements(sequence_output, 1, index)  # (B, P, H)
-        table = self.bert.embeddings.word_embeddings.embedding_table  # (V, H)
+        table = self.word_table_quant(self.bert.embeddings.word_embeddings.embedding_table)  # (V, H)
         return self.lm_head(sequence_output, table), all_hidden, all_scores
 
 
