@@ -4,6 +4,7 @@ during stage 1 resumes to bit-identical students, a finished stage is skipped, a
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from ms_nlp_compress.models.nezha import NezhaModel
 from ms_nlp_compress.train.finetune import encode, predict_logits, run_eval
 
 WORKER = Path(__file__).resolve().parent / "distill_worker.py"
+ROOT = Path(__file__).resolve().parents[3]
 QUIET = dict(log=lambda message: None)
 
 
@@ -173,6 +175,31 @@ def test_general_distillation_then_a_task_student_starts_from_it(tiny):
                 if name.startswith("bert.") and not name.startswith("bert.pooler.") and
                 not name.endswith("rng_counter")}
     assert_same_weights(weights_of(out / "student"), backbone)
+
+
+def test_general_distillation_on_two_ranks_equals_one_process(tiny):
+    """`scripts/run_distributed.sh 2 distill general` (msrun, per-rank batch 4) against one process with batch 8:
+    the same global batches, so the same student up to the all-reduce's float rounding (student dropout off: each
+    rank draws its own masks by design)."""
+    no_dropout = ["--set", "distill.student_model.hidden_dropout=0.0", "--set", "train.epochs=1"]
+    config = distill_tiny.general_config(tiny, "general_one")
+    run_general(load_config(config, no_dropout[1::2]), **QUIET)
+    config = distill_tiny.general_config(tiny, "general_two")
+    with socket.socket() as probe:  # a free port for msrun's master
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), MSNC_PYTHON=sys.executable,
+               LOG_DIR=str(tiny / "msrun_logs"), MASTER_PORT=str(port), CLUSTER_TIMEOUT="120")
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "run_distributed.sh"), "2", "distill", "general",
+                             "--config", str(config), "--set", "data.batch_size=4", *no_dropout],
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((tiny / "general_two" / "results.json").read_text())
+    assert two["world_size"] == 2 and two["updates"] == 15
+    one, two = weights_of(tiny / "general_one" / "student"), weights_of(tiny / "general_two" / "student")
+    assert one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_config_errors_name_the_key(tiny, capsys):
