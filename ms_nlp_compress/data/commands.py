@@ -93,7 +93,12 @@ def run_shards(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.vocab, lowercase=args.lowercase, max_length=args.max_length)
 
+    last = {"printed": -float("inf")}  # the first shard is always reported
+
     def progress(event: dict) -> None:
+        if event["seconds"] - last["printed"] < 2.0:  # a line every 2 s, not one per shard
+            return
+        last["printed"] = event["seconds"]
         done = ""
         if event.get("total_bytes"):
             done = f", {100 * event['bytes'] / event['total_bytes']:.0f}% of the input"

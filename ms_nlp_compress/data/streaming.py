@@ -374,6 +374,9 @@ def read_manifest(directory: Union[str, Path]) -> dict:
         if key not in manifest:
             raise DataError(f"{path}: key {key!r} is missing")
     shards = manifest["shards"]
+    for number, record in enumerate(shards):
+        if not isinstance(record, dict) or any(key not in record for key in ("file", "rows", "bytes", "sha256")):
+            raise DataError(f"{path}: shard entry {number} needs file, rows, bytes and sha256")
     if sum(record["rows"] for record in shards) != manifest["rows"]:
         raise DataError(f"{path}: shard rows do not add up to {manifest['rows']}")
     for record in shards:
@@ -386,7 +389,7 @@ def read_manifest(directory: Union[str, Path]) -> dict:
     return manifest
 
 
-def load_shard(directory: Path, record: dict, manifest: dict) -> Dict[str, np.ndarray]:
+def load_shard(directory: Path, record: dict) -> Dict[str, np.ndarray]:
     """One shard's arrays, after checking its size and sha256 against the manifest."""
     path = Path(directory) / record["file"]
     try:
@@ -493,7 +496,7 @@ class StreamingBatches:
             return self._cache[key]
         parts, labels, row_ids = [], [], []
         for shard in shards:
-            arrays = load_shard(self.directory, self.shards[shard], self.manifest)
+            arrays = load_shard(self.directory, self.shards[shard])
             lengths = arrays["lengths"].astype(np.int64)
             parts.append(RaggedEncoding(arrays["input_ids"], arrays.get("word_ids"),
                                         np.concatenate([[0], np.cumsum(lengths)]), arrays["first_segment"]))
@@ -705,8 +708,15 @@ def batch_source_from_config(config, source, order: Sequence[str], rank: int, wo
                              log: Optional[Callable[[str], None]] = None):
     """`build_batch_source` with the experiment's settings: data.stream / shard_rows / shuffle_shards / shard_dir,
     data.batch_size and max_length, runtime.seed, train.padding; shards default to `<output_dir>/shards`."""
+    from ms_nlp_compress import paths
+
     data = config.data
-    shard_dir = Path(data.shard_dir).expanduser() if data.shard_dir else Path(output_dir) / "shards"
+    if data.shard_dir is None:
+        shard_dir = Path(output_dir) / "shards"
+    elif data.shard_dir.startswith("cache:"):  # the same `cache:` prefix as the other paths of a config
+        shard_dir = paths.cache_dir() / data.shard_dir[len("cache:"):]
+    else:
+        shard_dir = Path(data.shard_dir).expanduser()
     return build_batch_source(source, order, data.batch_size, config.runtime.seed, rank, world_size,
                               config.train.padding == "dynamic", stream=data.stream, shuffle_shards=data.shuffle_shards,
                               shard_rows=data.shard_rows, shard_dir=shard_dir, tokenizer=tokenizer, task=task,

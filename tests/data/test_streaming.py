@@ -308,12 +308,28 @@ def test_data_config_stream_keys_are_validated():
         DataConfig(shuffle_shards=-1).validate()
 
 
+def test_batch_source_from_config_follows_the_data_keys(sst2_file, columns, tokenizer, tmp_path):
+    from ms_nlp_compress.config import load_config
+    from ms_nlp_compress.data.streaming import batch_source_from_config
+
+    config = load_config(None, ["data.stream=disk", "data.shuffle_shards=0", "data.shard_rows=20", "data.batch_size=8",
+                                f"data.max_length={MAX_LENGTH}", "runtime.seed=6", "train.padding=dynamic"])
+    source = batch_source_from_config(config, sst2_file, ORDER, rank=1, world_size=2, output_dir=tmp_path / "run",
+                                      tokenizer=tokenizer, task="sst2")
+    assert isinstance(source, StreamingBatches) and source.dynamic_padding
+    assert source.directory.parent == tmp_path / "run" / "shards" and len(source.shards) == 6
+    expected = ArrayBatches(columns, ORDER, 8, seed=6, rank=1, world_size=2, dynamic_padding=True)
+    assert_same_batches(batches_of(source, 2), batches_of(expected, 2))
+    with pytest.raises(ConfigError, match="data.stream: must be auto, memory or disk"):
+        load_config(None, ["data.stream=ram"])
+
+
 def test_msnc_data_shards_command(sst2_file, tokenizer, tmp_path, capsys):
     vocab = str(tokenizer.vocab_path)
     assert msnc_main(["data", "shards", "--task", "sst2", "--input", str(sst2_file), "--vocab", vocab,
                       "--output", str(tmp_path / "tsv"), "--max-length", "12", "--shard-rows", "40"]) == 0
     out = capsys.readouterr().out
-    assert "shard 3: 103 rows" in out and "wrote 103 rows in 3 shards" in out
+    assert "shard 1: 40 rows, 39% of the rows" in out and "wrote 103 rows in 3 shards" in out
     assert json.loads((tmp_path / "tsv" / "manifest.json").read_text())["rows"] == 103
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"good movie\nbad\xff film\n")
