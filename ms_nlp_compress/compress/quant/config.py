@@ -5,10 +5,11 @@ Tensor groups (each a `WeightQuantConfig`):
     embedding   the word embedding table; the tied MLM decoder reads the same quantized table  (per row by default)
     pooler      the pooler dense weight (the reference ternarizes it)
     mlm_head    the MLM head's transform dense
-    classifier  the classifier weight (full precision by default, as in the reference)
+    classifier  the classifier weight (used only if "classifier" is removed from `full_precision`)
 Never quantized, by construction: biases, LayerNorm, position and token-type embeddings (the reference keeps them
-full precision; they are a few KB to a few hundred KB). `full_precision` lists more cells (by dotted cell name, shell
-patterns) to keep in float: e.g. "bert.encoder.layers.0.*" keeps the first layer in float.
+full precision; they are a few KB to a few hundred KB). `full_precision` lists cells (dotted cell names, shell
+patterns) kept entirely in float, weights and input activations: by default the classifier, as in the reference;
+add e.g. "bert.encoder.layers.0.*" to keep the first layer in float.
 
 W-E-A presets (TernaryBERT's notation: Transformer weights - word embedding - activations): `QuantConfig.preset`
 "2-2-8" (TernaryBERT, TWN), "8-8-8" (Q8BERT-like), "4-4-8", and "fp" (everything off, for the identity check).
@@ -29,6 +30,7 @@ GRANULARITIES = ("tensor", "row")
 WEIGHT_GROUPS = ("encoder", "embedding", "pooler", "mlm_head", "classifier")
 # Ternary methods produce codes in {-1, 0, +1}: 2-bit storage, nothing else makes sense.
 TERNARY_METHODS = ("twn", "lat")
+DEFAULT_FULL_PRECISION = ("classifier", "*.classifier", "*position_embeddings", "*token_type_embeddings")
 # Inclusive bit ranges per method: the primitives' own limits, capped at 8 because codes are stored in 2/4/8-bit
 # fields (packing.py).
 _BIT_RANGES = {"twn": (2, 2), "lat": (2, 2), "sym": (2, 8), "minmax": (1, 8), "log": (2, 8), "none": (32, 32)}
@@ -97,7 +99,9 @@ class QuantConfig:
     activation_clip: Optional[float] = 2.5
     lat_iterations: int = 10  # alternating steps of the LAT solver (BinaryBERT's LaqQuantizer uses 10)
     lat_epsilon: float = 1e-8  # D = sqrt(v_hat) + eps
-    full_precision: List[str] = field(default_factory=list)  # extra cell-name patterns kept in float
+    # Cells kept in float, by dotted cell name (shell patterns). Biases and LayerNorms are never quantized; the
+    # position and token-type tables are listed for the record (prepare only ever swaps the word embedding).
+    full_precision: List[str] = field(default_factory=lambda: list(DEFAULT_FULL_PRECISION))
 
     def validate(self, prefix: str = "quant") -> None:
         for group in WEIGHT_GROUPS:
