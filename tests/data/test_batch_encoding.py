@@ -45,10 +45,11 @@ def minilm_tokenizer(minilm_path):
 
 @pytest.mark.parametrize("max_length", [128, 24, 7])
 def test_real_vader_batch_ids_equal_per_text_ids(vader_sentences, minilm_tokenizer, max_length):
-    """1,500 real VADER sentences with the real MiniLM vocabulary; a third are pairs (truncation at 24 and 7)."""
+    """1,500 real VADER sentences with the real MiniLM vocabulary; a third are pairs; the 20 longest included."""
     rng = random.Random(max_length)
-    texts = rng.sample(vader_sentences, 1500)
-    pairs = [rng.choice(vader_sentences) if row % 3 == 0 else None for row in range(len(texts))]
+    longest = sorted(vader_sentences, key=len)[-20:]  # so that truncation happens at every max_length
+    texts = rng.sample(vader_sentences, 1480) + longest
+    pairs = [rng.choice(vader_sentences) if row % 3 == 0 else None for row in range(1480)] + longest[::-1]
     reference = per_text(minilm_tokenizer, texts, pairs, max_length)
     assert_same(minilm_tokenizer.encode_batch(texts, pairs, max_length), reference)
     fast = minilm_tokenizer.encode_ragged(texts, pairs, max_length, word_ids=False)  # encode_batch_fast inside
