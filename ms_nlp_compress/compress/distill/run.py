@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -268,7 +267,7 @@ def run_task(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     from ms_nlp_compress.compress.distill.student import build_student, make_student_cell
     from ms_nlp_compress.data.glue import get_task
     from ms_nlp_compress.models.checkpoint import (cell_weights, load_model_dir, load_weights, read_model_dir,
-                                                   save_model_dir)
+                                                   read_model_document, save_model_dir)
     from ms_nlp_compress.models.frozen import Frozen
     from ms_nlp_compress.train.finetune import (encode, evaluate_classifier, load_tokenizer_for, read_split,
                                                 selection_metric)
@@ -360,8 +359,8 @@ def run_task(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
         return report
     if final_dir is None or not final_dir.is_dir():
         raise DataError(f"{output_dir}: no student was written (expected {final_dir})")
-    final, document = load_model_dir(final_dir)
-    student_config = read_model_dir(final_dir)[1] if student_config is None else student_config
+    final, _ = load_model_dir(final_dir)
+    student_config = read_model_document(final_dir)[1]
     report["student_dir"] = str(final_dir)
     report["student"] = _describe(final, student_config)
     report["teacher_model"] = _describe(teacher.cell, teacher_config)
