@@ -99,6 +99,8 @@ class QuantConfig:
     activation_clip: Optional[float] = 2.5
     lat_iterations: int = 10  # alternating steps of the LAT solver (BinaryBERT's LaqQuantizer uses 10)
     lat_epsilon: float = 1e-8  # D = sqrt(v_hat) + eps
+    # twn: start the LAT alternation from TWN's codes, so LAT is never worse than TWN; sign: the reference's start
+    lat_init: str = "twn"
     # Cells kept in float, by dotted cell name (shell patterns). Biases and LayerNorms are never quantized; the
     # position and token-type tables are listed for the record (prepare only ever swaps the word embedding).
     full_precision: List[str] = field(default_factory=lambda: list(DEFAULT_FULL_PRECISION))
@@ -114,6 +116,8 @@ class QuantConfig:
         if isinstance(self.lat_iterations, bool) or not isinstance(self.lat_iterations, int) \
                 or self.lat_iterations < 1:
             raise ConfigError(f"{prefix}.lat_iterations: must be an integer >= 1, got {self.lat_iterations!r}")
+        if self.lat_init not in ("twn", "sign"):
+            raise ConfigError(f"{prefix}.lat_init: must be twn or sign, got {self.lat_init!r}")
         if not self.lat_epsilon > 0:
             raise ConfigError(f"{prefix}.lat_epsilon: must be > 0, got {self.lat_epsilon!r}")
         for index, pattern in enumerate(self.full_precision):

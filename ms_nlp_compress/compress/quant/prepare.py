@@ -39,13 +39,13 @@ LAT_PARAMETER = "lat_preconditioner"
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def weight_quantizer(spec: WeightQuantConfig, clip_value, lat_iterations: int = 10) -> nn.Cell:
+def weight_quantizer(spec: WeightQuantConfig, clip_value, lat_iterations: int = 10, lat_init: str = "twn") -> nn.Cell:
     """The parameter-free STE cell for one tensor group (identity for method `none`)."""
     per_row = spec.granularity == "row"
     if spec.method == "twn":
         return TernaryWeightSTE(per_row, clip_value)
     if spec.method == "lat":
-        return LossAwareTernaryWeightSTE(per_row, clip_value, lat_iterations)
+        return LossAwareTernaryWeightSTE(per_row, clip_value, lat_iterations, lat_init)
     if spec.method == "sym":
         return SymmetricQuantSTE(spec.bits, per_row, clip_value)
     if spec.method == "minmax":
@@ -232,11 +232,11 @@ def prepare(model: nn.Cell, config: QuantConfig) -> nn.Cell:
                 raise ConfigError(f"quant.prepare: {name}.weight is {cell.weight.dtype}; prepare a float32 model")
             spec = getattr(config, dense_group(name))
             replacements.append((name, FakeQuantDense(
-                cell, weight_quantizer(spec, config.weight_clip, config.lat_iterations),
+                cell, weight_quantizer(spec, config.weight_clip, config.lat_iterations, config.lat_init),
                 activation_quantizer(config), spec)))
         elif isinstance(cell, nn.Embedding) and name.endswith("word_embeddings"):
-            word_embedding = FakeQuantEmbedding(cell, weight_quantizer(config.embedding, config.weight_clip,
-                                                                       config.lat_iterations), config.embedding)
+            quantizer = weight_quantizer(config.embedding, config.weight_clip, config.lat_iterations, config.lat_init)
+            word_embedding = FakeQuantEmbedding(cell, quantizer, config.embedding)
             replacements.append((name, word_embedding))
         elif isinstance(cell, QuantPoint) and name.split(".")[-1] in _ACTIVATION_POINTS:
             replacements.append((name, activation_quantizer(config)))
@@ -246,9 +246,8 @@ def prepare(model: nn.Cell, config: QuantConfig) -> nn.Cell:
         if word_embedding is None:
             raise ConfigError(f"quant.prepare: {name} decodes with the word embeddings, which are kept in float "
                               "(quant.full_precision); quantize both or neither")
-        replacements.append((name, TiedTableQuant(
-            weight_quantizer(config.embedding, config.weight_clip, config.lat_iterations), config.embedding,
-            word_embedding.embedding_table)))
+        quantizer = weight_quantizer(config.embedding, config.weight_clip, config.lat_iterations, config.lat_init)
+        replacements.append((name, TiedTableQuant(quantizer, config.embedding, word_embedding.embedding_table)))
     for name, replacement in replacements:
         parent, attribute = _parent(model, name)
         parent.insert_child_to_cell(attribute, replacement)  # no renaming of the model's Parameters

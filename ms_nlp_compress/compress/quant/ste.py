@@ -65,16 +65,18 @@ class LossAwareTernaryWeightSTE(nn.Cell):
     The preconditioner is an input, not a Parameter, so the Cell stays parameter-free; no gradient flows into it.
     """
 
-    def __init__(self, per_row: bool = False, clip_value=DEFAULT_CLIP_VALUE, num_iterations: int = 10):
+    def __init__(self, per_row: bool = False, clip_value=DEFAULT_CLIP_VALUE, num_iterations: int = 10,
+                 init: str = "sign"):
         super().__init__()
         primitives._check_clip_value(clip_value)
         self.per_row = per_row
         self.clip_value = clip_value
         self.num_iterations = num_iterations
+        self.init = init  # "sign" (reference) or "twn" (never worse than TWN; primitives.lat_ternarize)
 
     def construct(self, weight, preconditioner):
         quantized = primitives.lat_quantize(weight, ops.stop_gradient(preconditioner), self.per_row,
-                                            self.num_iterations, self.clip_value)
+                                            self.num_iterations, self.clip_value, self.init)
         return straight_through(weight, quantized, self.clip_value)
 
 

@@ -30,13 +30,13 @@ def twn(w, per_row=False, clip_value=2.5):
     return out.reshape(w.shape)
 
 
-def lat(w, d=None, per_row=False, clip_value=2.5, iterations=10):
-    """Alternating LAT: b = sign(w) first; then alpha = sum d|b w| / sum d|b|, b = sign(w) [|w| > alpha/2]."""
+def lat(w, d=None, per_row=False, clip_value=2.5, iterations=10, init="twn"):
+    """Alternating LAT: codes b from TWN (or sign(w)); then alpha = sum d|b w| / sum d|b|, b = sign(w) [|w| > alpha/2]."""
     w = clip(np.asarray(w, np.float64), clip_value)
     d = np.ones_like(w) if d is None else np.asarray(d, np.float64)
     out = np.zeros_like(_groups(w, per_row))
     for i, (row, drow) in enumerate(zip(_groups(w, per_row), _groups(d, per_row))):
-        keep = np.abs(row) > 0
+        keep = np.abs(row) > (0.7 * np.abs(row).mean() if init == "twn" else 0)
         alpha = (drow * np.abs(row) * keep).sum() / max((drow * keep).sum(), 1e-300)
         for _ in range(iterations):
             keep = np.abs(row) > alpha / 2
