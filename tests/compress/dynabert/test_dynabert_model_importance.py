@@ -131,3 +131,27 @@ def test_rewired_real_minilm_computes_the_same_function(minilm_path, graph_mode)
         np.testing.assert_allclose(rewired.neurons[layer], importance.neurons[layer][neuron_orders[layer]],
                                    rtol=1e-3, atol=1e-6)
         assert np.all(np.diff(importance.heads[layer][head_orders[layer]]) <= 0)
+
+
+def test_prepare_rewires_without_changing_the_function(graph_mode):
+    import json
+
+    from ms_nlp_compress.compress.dynabert import prepare
+
+    model = random_model(tiny_config(num_layers=2), seed=12)
+    inputs = batch()
+    before = model(*inputs)[0].asnumpy()
+    original = numpy_weights(model)
+    elastic = prepare(model, [(*inputs, Tensor(np.array([2, 0], np.int32)))])
+    np.testing.assert_allclose(model(*inputs)[0].asnumpy(), before, rtol=1e-5, atol=1e-5)
+    record = json.loads(json.dumps(elastic.rewiring_record()))["dynabert_rewiring"]
+    assert record["importance_batches"] == 1
+    for layer in range(2):
+        order = np.array(record["head_orders"][layer])
+        assert np.all(np.diff(elastic.importance.heads[layer][order]) <= 0)
+        # Width 0.5 keeps new heads 0 and 1 = the two most important old heads (head size 3: 3 rows each).
+        name = f"bert.encoder.layers.{layer}.attention.self_attention.query.weight"
+        kept = elastic.subnetwork(0.5, 1.0)
+        np.testing.assert_array_equal(
+            dict(kept.parameters_and_names())[name].asnumpy()[:6],
+            np.concatenate([original[name][3 * head: 3 * head + 3] for head in order[:2]]))
