@@ -162,26 +162,43 @@ def selection_metric(task) -> str:
             "pearson_and_spearman": "corr"}.get(task.metric, "acc")
 
 
+def training_batches(config: ExperimentConfig, task, tokenizer, rank: int, world_size: int, output_dir: Path,
+                     log=print, train_file: Optional[Path] = None):
+    """This rank's training BatchSource for `task`, per `data.stream`.
+
+    A subsample (`data.train_limit`) or `stream: memory` tokenizes into RAM (`ArrayBatches`); otherwise the TSV
+    itself goes to `data/streaming.py`, which keeps it in RAM when small (`auto`) and else streams tokenized shards
+    from disk with exact resume (built once per file content and settings, shared by the ranks of a host).
+    """
+    from ms_nlp_compress.data.streaming import batch_source_from_config
+
+    order = MODEL_INPUTS + ("label",)
+    if train_file is None and (config.data.train_limit or config.data.stream == "memory"):
+        _, examples = read_split(config, "train")
+        source = encode(examples, tokenizer, config.data.max_length, task.is_regression)
+    else:
+        source = train_file if train_file is not None else resolve_path(config.data.data_dir) / "train.tsv"
+        if not Path(source).is_file():
+            raise DataError(f"{source}: train file not found for task {task.name}")
+    return batch_source_from_config(config, source, order, rank, world_size, output_dir, tokenizer=tokenizer,
+                                    task=task.name, log=log)
+
+
 def run_finetune(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     """Fine-tune, keep the best dev model in `output_dir/best`, report dev and test metrics of that model."""
     from ms_nlp_compress.models.checkpoint import load_model_dir, save_model_dir
-    from ms_nlp_compress.train.batches import ArrayBatches
     from ms_nlp_compress.train.losses import SequenceClassificationLoss
     from ms_nlp_compress.train.trainer import Trainer, start_run
 
     rank, world_size, output_dir = start_run(config)
-    task, train_examples = read_split(config, "train")
-    _, dev_examples = read_split(config, "dev")
+    task, dev_examples = read_split(config, "dev")
     model, model_config, pretrained = build_classifier(config, task.num_labels)
     tokenizer = load_tokenizer_for(config, pretrained)
     started = time.perf_counter()
-    train_columns = encode(train_examples, tokenizer, config.data.max_length, task.is_regression)
+    batches = training_batches(config, task, tokenizer, rank, world_size, output_dir, log)
     dev_columns = encode(dev_examples, tokenizer, config.data.max_length, task.is_regression)
-    log(f"{task.name}: {len(train_examples)} train / {len(dev_examples)} dev examples, "
+    log(f"{task.name}: {batches.size} train / {len(dev_examples)} dev examples ({type(batches).__name__}), "
         f"tokenized in {time.perf_counter() - started:.1f} s")
-    batches = ArrayBatches(train_columns, MODEL_INPUTS + ("label",), config.data.batch_size, shuffle=True,
-                           seed=config.runtime.seed, rank=rank, world_size=world_size,
-                           dynamic_padding=config.train.padding == "dynamic")
     metric = selection_metric(task)
     best_dir = output_dir / "best"
     tokenizer_dir = Path(tokenizer.vocab_path).parent if getattr(tokenizer, "vocab_path", None) else None

@@ -72,3 +72,25 @@ def test_bad_inputs_are_named(task_dir, capsys):
     assert msnc(["finetune", "--config", str(task_dir / "tiny.yaml"), "--set", "train.optimiser=sgd"]) == 2
     assert "unknown key(s) train.optimiser" in capsys.readouterr().err
     assert msnc(["predict", "--model", str(task_dir / "nowhere"), "--input", str(task_dir / "absent.txt")]) == 2
+
+
+def test_streamed_training_data_trains_the_same_model_as_memory(task_dir):
+    """data.stream: disk with one shuffle window (shuffle_shards 0) serves the batches ArrayBatches serves, from
+    tokenized shards on disk, so fine-tuning ends with the same weights; the shards are built once and reused."""
+    from ms_nlp_compress.models.checkpoint import read_model_dir
+
+    settings = ["train.epochs=1", "data.shard_rows=20"]
+    memory = run_finetune(load_config(task_dir / "tiny.yaml", settings + ["data.stream=memory",
+                                                                          f"output_dir={task_dir / 'memory'}"]),
+                          log=lambda message: None)
+    lines = []
+    streamed = run_finetune(load_config(task_dir / "tiny.yaml", settings + [
+        "data.stream=disk", "data.shuffle_shards=0", f"output_dir={task_dir / 'disk'}"]), log=lines.append)
+    assert any("StreamingBatches" in line for line in lines)
+    assert len(list((task_dir / "disk" / "shards").rglob("*.npz"))) == 5  # 96 rows / 20 per shard
+    assert streamed["updates"] == memory["updates"] == 12
+    _, _, memory_weights = read_model_dir(task_dir / "memory" / "best")
+    _, _, disk_weights = read_model_dir(task_dir / "disk" / "best")
+    assert memory_weights.keys() == disk_weights.keys()
+    for name in memory_weights:
+        np.testing.assert_array_equal(memory_weights[name], disk_weights[name], err_msg=name)
