@@ -46,6 +46,20 @@ def test_bert_positions_and_per_layer_widths(graph_mode):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_subnetwork_compiles_once_for_dynamic_shapes(graph_mode):
+    """The trainer declares dynamic batch/sequence sizes (dynamic padding): one sub-network graph serves them all."""
+    config = tiny_config()
+    full = random_model(config, seed=13)
+    sub = ElasticModel(full).subnetwork(0.5, 0.5, hidden_states=True)
+    spec = ms.Tensor(shape=[None, None], dtype=ms.int32)
+    sub.set_inputs(spec, spec, spec)
+    reference = fresh_reference(config, (0, 2), (2, 2), (6, 6), numpy_weights(full))
+    for batch_size, length in ((2, 5), (3, 7)):
+        inputs = batch(seed=length, batch_size=batch_size, length=length)
+        for got, want in zip(outputs(sub, inputs), outputs(reference, inputs)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 class LogitsLoss(nn.Cell):
     def __init__(self, network):
         super().__init__()
