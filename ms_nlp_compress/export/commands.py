@@ -61,6 +61,7 @@ def load_model_for_export(path: Path):
     """(model, architecture name) from our model directory or a Hugging Face folder (loaded as a NezhaModel)."""
     from ms_nlp_compress.models.checkpoint import (CONFIG_FILES, is_model_dir, load_model_dir, load_pretrained,
                                                    pretrained_config)
+    import ms_nlp_compress.compress.quant.convert  # noqa: F401  registers the quantized architectures
     from ms_nlp_compress.models.nezha import NezhaModel
 
     if not path.is_dir():

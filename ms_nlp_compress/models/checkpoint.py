@@ -690,6 +690,9 @@ class Architecture:
     cell_type: type
     build: Callable[..., nn.Cell]
     describe: Callable[[nn.Cell], Dict[str, Any]]
+    # validate(weights, document, source): checks a directory's tensors beyond name/shape/dtype (e.g. the range of
+    # quantization codes) before anything is assigned; raises CheckpointError naming the tensor.
+    validate: Optional[Callable[[Dict[str, np.ndarray], Dict[str, Any], str], None]] = None
 
 
 _ARCHITECTURES: Dict[str, Architecture] = {}
@@ -697,7 +700,9 @@ _ARCHITECTURES: Dict[str, Architecture] = {}
 
 def register_architecture(cell_type: type, build: Optional[Callable[..., nn.Cell]] = None,
                           describe: Optional[Callable[[nn.Cell], Dict[str, Any]]] = None,
-                          name: Optional[str] = None) -> Architecture:
+                          name: Optional[str] = None,
+                          validate: Optional[Callable[[Dict[str, np.ndarray], Dict[str, Any], str], None]] = None
+                          ) -> Architecture:
     """Make `cell_type` savable and loadable as a model directory (and so usable by eval, predict and export).
 
     Registering the same class again under the same name replaces the entry (module reloads); another class under a
@@ -708,7 +713,7 @@ def register_architecture(cell_type: type, build: Optional[Callable[..., nn.Cell
     if existing is not None and existing.cell_type.__qualname__ != cell_type.__qualname__:
         raise ConfigError(f"architecture {name!r} is already registered for {existing.cell_type.__qualname__}")
     entry = Architecture(name, cell_type, build or (lambda config, document, **kwargs: cell_type(config, **kwargs)),
-                         describe or (lambda cell: {}))
+                         describe or (lambda cell: {}), validate)
     _ARCHITECTURES[name] = entry
     return entry
 
@@ -882,8 +887,12 @@ def saved_architecture(path: Union[str, Path]) -> Optional[str]:
 def load_model_dir(directory: Union[str, Path], strict: bool = True, **build_kwargs) -> Tuple[nn.Cell, Dict]:
     """Rebuild the saved architecture and load its weights. Returns (cell, config document)."""
     document, config, weights = read_model_dir(directory)
-    cell = build_model(document.get("architecture", "NezhaModel"), config, document, **build_kwargs)
-    load_weights(cell, weights, strict=strict, source=str(Path(directory) / WEIGHTS_FILE), fresh=())
+    architecture = document.get("architecture", "NezhaModel")
+    cell = build_model(architecture, config, document, **build_kwargs)
+    source = str(Path(directory) / WEIGHTS_FILE)
+    if _ARCHITECTURES[architecture].validate is not None:
+        _ARCHITECTURES[architecture].validate(weights, document, source)
+    load_weights(cell, weights, strict=strict, source=source, fresh=())
     return cell, document
 
 

@@ -341,3 +341,43 @@ def quantized_size_bytes(tensors: Mapping[str, Union[Sequence[int], np.ndarray, 
     return QuantizedSize(code_bytes=sum(code for code, _ in per_tensor.values()),
                          scale_bytes=sum(scale for _, scale in per_tensor.values()),
                          per_tensor=per_tensor)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Row-wise layout for model weights (quant/convert.py): each row packed on its own, so a row (a vocabulary entry)
+# can be gathered as bytes and unpacked alone. Rows are padded to whole bytes with `pad_code`.
+# --------------------------------------------------------------------------------------------------------------
+def pack_rows(codes, bits: int, pad_code: int = 0) -> np.ndarray:
+    """Unsigned `bits`-wide codes (rows, cols) -> uint8 (rows, ceil(cols / (8/bits))), same field order as
+    pack_codes (code i of a byte at bits*(i % per_byte))."""
+    _check_bits(bits)
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"pack_rows needs a 2-D code array, got shape {codes.shape}")
+    per_byte = 8 // bits
+    rows, cols = codes.shape
+    padding = (-cols) % per_byte
+    padded = np.concatenate([codes.astype(np.int64), np.full((rows, padding), pad_code, np.int64)], axis=1)
+    return pack_codes(padded, bits, pad_code).reshape(rows, (cols + padding) // per_byte)
+
+
+def unpack_rows(packed, bits: int, cols: int) -> np.ndarray:
+    """Host-side inverse of pack_rows: unsigned codes (rows, cols) as uint8, plus nothing dropped silently."""
+    packed = np.asarray(packed, np.uint8)
+    per_byte = 8 // bits
+    shifts = (bits * np.arange(per_byte)).astype(np.uint8)
+    codes = (packed[:, :, None] >> shifts) & np.uint8(2 ** bits - 1)  # (rows, bytes, per_byte)
+    return codes.reshape(packed.shape[0], -1)[:, :cols]
+
+
+def unpack_rows_graph(packed, bits: int, cols: int):
+    """In-graph: uint8 (rows, bytes) -> int32 unsigned codes (rows, cols); rows may be a gathered subset."""
+    _check_bits(bits)
+    per_byte = 8 // bits
+    shifts = Tensor([bits * i for i in range(per_byte)], ms.uint8)
+    mask = Tensor(2 ** bits - 1, ms.uint8)
+    codes = ops.bitwise_and(ops.bitwise_right_shift(packed.expand_dims(-1), shifts), mask)  # (rows, bytes, per)
+    codes = codes.reshape(-1, packed.shape[1] * per_byte).astype(ms.int32)  # (rows, bytes * per)
+    if codes.shape[1] == cols:
+        return codes
+    return codes[:, :cols]  # int32 slice: cheap (see _take_leading)
