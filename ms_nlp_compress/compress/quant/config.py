@@ -6,8 +6,9 @@ Tensor groups (each a `WeightQuantConfig`):
     pooler      the pooler dense weight (the reference ternarizes it)
     mlm_head    the MLM head's transform dense
     classifier  the classifier weight (used only if "classifier" is removed from `full_precision`)
-Never quantized, by construction: biases, LayerNorm, position and token-type embeddings (the reference keeps them
-full precision; they are a few KB to a few hundred KB). `full_precision` lists cells (dotted cell names, shell
+    position    position and token-type tables (kept in float by the default `full_precision` filter, as in the
+                reference; remove their patterns to quantize them, 8-bit row-wise by default)
+Never quantized, by construction: biases and LayerNorm. `full_precision` lists cells (dotted cell names, shell
 patterns) kept entirely in float, weights and input activations: by default the classifier, as in the reference;
 add e.g. "bert.encoder.layers.0.*" to keep the first layer in float.
 
@@ -27,7 +28,7 @@ from ms_nlp_compress.errors import ConfigError
 WEIGHT_METHODS = ("twn", "lat", "sym", "minmax", "log", "none")
 ACTIVATION_METHODS = ("symmetric", "minmax", "none")
 GRANULARITIES = ("tensor", "row")
-WEIGHT_GROUPS = ("encoder", "embedding", "pooler", "mlm_head", "classifier")
+WEIGHT_GROUPS = ("encoder", "embedding", "position", "pooler", "mlm_head", "classifier")
 # Ternary methods produce codes in {-1, 0, +1}: 2-bit storage, nothing else makes sense.
 TERNARY_METHODS = ("twn", "lat")
 DEFAULT_FULL_PRECISION = ("classifier", "*.classifier", "*position_embeddings", "*token_type_embeddings")
@@ -90,6 +91,9 @@ class QuantConfig:
 
     encoder: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     embedding: WeightQuantConfig = field(default_factory=lambda: WeightQuantConfig("twn", 2, "row"))
+    # Position and token-type tables: used only if their patterns are removed from `full_precision` (MiniLM's
+    # 512 x 384 position table is 0.79 MB in float, enough to keep a 2-bit model under 14x; see README).
+    position: WeightQuantConfig = field(default_factory=lambda: WeightQuantConfig("sym", 8, "row"))
     pooler: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     mlm_head: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     classifier: WeightQuantConfig = field(default_factory=_full_precision)
@@ -101,8 +105,7 @@ class QuantConfig:
     lat_epsilon: float = 1e-8  # D = sqrt(v_hat) + eps
     # twn: start the LAT alternation from TWN's codes, so LAT is never worse than TWN; sign: the reference's start
     lat_init: str = "twn"
-    # Cells kept in float, by dotted cell name (shell patterns). Biases and LayerNorms are never quantized; the
-    # position and token-type tables are listed for the record (prepare only ever swaps the word embedding).
+    # Cells kept in float, by dotted cell name (shell patterns). Biases and LayerNorms are never quantized.
     full_precision: List[str] = field(default_factory=lambda: list(DEFAULT_FULL_PRECISION))
 
     def validate(self, prefix: str = "quant") -> None:
@@ -156,7 +159,8 @@ class QuantConfig:
             return cls(encoder=WeightQuantConfig("sym", bits), embedding=WeightQuantConfig("sym", bits, "row"),
                        pooler=WeightQuantConfig("sym", bits), mlm_head=WeightQuantConfig("sym", bits))
         if name == "fp":
-            return cls(encoder=_full_precision(), embedding=_full_precision(), pooler=_full_precision(),
+            return cls(encoder=_full_precision(), embedding=_full_precision(), position=_full_precision(),
+                       pooler=_full_precision(),
                        mlm_head=_full_precision(), activation=ActivationQuantConfig("none", 8))
         raise ConfigError(f"{where}: unknown preset {name!r}; one of 2-2-8, 8-8-8, 4-4-8, fp")
 

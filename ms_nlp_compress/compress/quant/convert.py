@@ -301,6 +301,8 @@ def _pack_structure(model: nn.Cell, config: QuantConfig) -> nn.Cell:
                 raise ConfigError("quant.convert: a float word embedding with a quantized model is not supported "
                                   "(set quant.embedding.method)")
             replacements.append((name, PackedEmbedding(cell, config.embedding, name)))
+        elif isinstance(cell, nn.Embedding) and config.position.enabled:
+            replacements.append((name, PackedEmbedding(cell, config.position, name)))
         elif isinstance(cell, QuantPoint) and name.split(".")[-1] in _ACTIVATION_POINTS:
             replacements.append((name, activation_quantizer(config)))
     for name, replacement in replacements:
@@ -357,7 +359,10 @@ def validate_weights(weights: Dict[str, np.ndarray], document: Dict[str, Any], s
             if not name.endswith(f".{kind}_codes"):
                 continue
             prefix = name[: -len(f".{kind}_codes")]
-            group = "embedding" if kind == "embedding" else dense_group(prefix)
+            if kind == "embedding":
+                group = "embedding" if prefix.endswith("word_embeddings") else "position"
+            else:
+                group = dense_group(prefix)
             spec = getattr(config, group)
             scale_name = f"{prefix}.{kind}_scale"
             if scale_name not in weights:

@@ -238,6 +238,9 @@ def prepare(model: nn.Cell, config: QuantConfig) -> nn.Cell:
             quantizer = weight_quantizer(config.embedding, config.weight_clip, config.lat_iterations, config.lat_init)
             word_embedding = FakeQuantEmbedding(cell, quantizer, config.embedding)
             replacements.append((name, word_embedding))
+        elif isinstance(cell, nn.Embedding) and config.position.enabled:
+            quantizer = weight_quantizer(config.position, config.weight_clip, config.lat_iterations, config.lat_init)
+            replacements.append((name, FakeQuantEmbedding(cell, quantizer, config.position)))
         elif isinstance(cell, QuantPoint) and name.split(".")[-1] in _ACTIVATION_POINTS:
             replacements.append((name, activation_quantizer(config)))
         elif isinstance(cell, QuantPoint) and name.split(".")[-1] == "word_table_quant":
