@@ -1,0 +1,35 @@
+"""MiniLM-shape (random weights) 2-bit size accounting: model directory and MindIR, per group, vs fp32."""
+import sys, tempfile
+from pathlib import Path
+import mindspore as ms
+ms.device_context.cpu.op_tuning.threads_num(1)
+from ms_nlp_compress.config import NezhaConfig
+from ms_nlp_compress.models.nezha import NezhaForSequenceClassification
+from ms_nlp_compress.models.checkpoint import save_model_dir
+from ms_nlp_compress.compress.quant.config import QuantConfig
+from ms_nlp_compress.compress.quant.ptq import post_training_quantize
+from ms_nlp_compress.compress.quant.size import safetensors_report, mindir_report
+from ms_nlp_compress.export.mindir import export_mindir, inference_wrapper
+config = NezhaConfig(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
+                     position_embedding="absolute", max_position_embeddings=512)
+recipes = {
+    "2-2-8 (position/type fp32)": {"preset": "2-2-8"},
+    "2-2-8 + 8-bit row-wise position/type": {"preset": "2-2-8", "full_precision": ["classifier", "*.classifier"]},
+}
+out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+ms.set_seed(0)
+fp32 = NezhaForSequenceClassification(config, 3)
+save_model_dir(fp32, out / "fp32_dir", config)
+fp_dir = safetensors_report(out / "fp32_dir")
+do_mindir = "--mindir" in sys.argv
+if do_mindir:
+    fp_ir = mindir_report(export_mindir(inference_wrapper(fp32, "classifier"), out / "fp32"))
+for index, (label, recipe) in enumerate(recipes.items()):
+    ms.set_seed(0)
+    _, deployed = post_training_quantize(NezhaForSequenceClassification(config, 3), QuantConfig.from_dict(recipe))
+    save_model_dir(deployed, out / f"q{index}_dir", config)
+    print(f"\n== {label}: model directory")
+    print("\n".join(safetensors_report(out / f"q{index}_dir").table(fp_dir)))
+    if do_mindir:
+        print(f"== {label}: MindIR")
+        print("\n".join(mindir_report(export_mindir(inference_wrapper(deployed, "classifier"), out / f"q{index}")).table(fp_ir)))
