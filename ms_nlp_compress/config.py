@@ -325,11 +325,13 @@ class ExperimentConfig:
     # Compression sections; their dataclasses live with their algorithm and are bound at the end of this module.
     distill: "DistillConfig" = field(default_factory=lambda: DistillConfig())
     augment: "AugmentConfig" = field(default_factory=lambda: AugmentConfig())
+    quant: "QuantConfig" = field(default_factory=lambda: QuantConfig())
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
         self.distill.validate("distill")
         self.augment.validate("augment")
+        self.quant.validate("quant")
         self.train.validate("train")
         self.pretrain.validate("pretrain")
         self.runtime.validate("runtime")
@@ -370,6 +372,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        section_loader = getattr(tp, "from_section", None)  # a section with its own keys (e.g. quant.preset)
+        if section_loader is not None:
+            return section_loader(value, source, key)
         return from_mapping(tp, value, source, key)
     if origin in (list, List, tuple, Tuple, Sequence):
         if not isinstance(value, (list, tuple)):
@@ -546,3 +551,4 @@ def dump_config(config: Any, path: Union[str, Path]) -> None:
 
 # The algorithm sections import NezhaConfig from this module, so they are bound here, once it is complete.
 from ms_nlp_compress.compress.distill.config import AugmentConfig, DistillConfig  # noqa: E402
+from ms_nlp_compress.compress.quant.config import QuantConfig  # noqa: E402

@@ -92,6 +92,8 @@ class Trainer:
             checkpointed too.
         checkpoint_cells: the cells whose Parameters make up the model part of a checkpoint (default: [model]);
             a distillation run passes the student and its projections, never the frozen teacher.
+        after_update: called after every applied optimizer update (not after a skipped one), e.g. to refresh LAT's
+            preconditioners from the optimizer's new second moments.
     """
 
     def __init__(self, config: ExperimentConfig, model: nn.Cell, loss_cell: nn.Cell, batches: BatchSource,
@@ -99,7 +101,8 @@ class Trainer:
                  evaluate: Optional[Callable[[], Dict[str, float]]] = None, metric: Optional[str] = None,
                  on_best: Optional[Callable[[Dict[str, float], int], None]] = None, rank: int = 0,
                  world_size: int = 1, log: Callable[[str], None] = print, optimizer: Optional[nn.Optimizer] = None,
-                 reducer: Optional[nn.Cell] = None, checkpoint_cells: Optional[Sequence[nn.Cell]] = None):
+                 reducer: Optional[nn.Cell] = None, checkpoint_cells: Optional[Sequence[nn.Cell]] = None,
+                 after_update: Optional[Callable[[], None]] = None):
         if not isinstance(batches, BatchSource):
             raise TypeError(f"batches must implement BatchSource (order, dynamic_padding, __len__, epoch, "
                             f"column_layout); got {type(batches).__name__}")
@@ -107,6 +110,7 @@ class Trainer:
         self.train = config.train
         self.model = model
         self.checkpoint_cells = list(checkpoint_cells) if checkpoint_cells is not None else None
+        self.after_update = after_update
         self.batches = batches
         self.output_dir = Path(output_dir)
         self.evaluate = evaluate
@@ -260,6 +264,8 @@ class Trainer:
                     component_sums.setdefault(name, []).append(value)
                 if not result.boundary:
                     continue
+                if result.applied and self.after_update is not None:
+                    self.after_update()
                 self.state["updates"] += 1
                 self.state["next_batch"] = index + 1
                 done_here += 1

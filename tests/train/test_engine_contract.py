@@ -306,3 +306,16 @@ def test_a_refused_thread_count_is_an_error_not_silence():
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "REFUSED runtime.cpu_threads: MindSpore refused 3 threads (this process already set 2)" in result.stdout
+
+
+def test_after_update_runs_once_per_applied_update_and_sees_the_new_weights(tmp_path, graph_mode):
+    """The hook LAT needs: called after each optimizer update (here every 2 micro-batches), never before it."""
+    seen = []
+    trainer, model = tiny_task.build(tmp_path, max_steps=3, gradient_accumulation=2, eval_every=0, save_every=0)
+    trainer.after_update = lambda: seen.append((int(trainer.optimizer.global_step.asnumpy().item()),
+                                                model.classifier.weight.asnumpy().copy()))
+    before = model.classifier.weight.asnumpy().copy()
+    trainer.fit()
+    assert [step for step, _ in seen] == [1, 2, 3]
+    assert not np.array_equal(seen[0][1], before)  # the first call already sees the first update's weights
+    np.testing.assert_array_equal(seen[-1][1], model.classifier.weight.asnumpy())

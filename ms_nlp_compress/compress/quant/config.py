@@ -129,6 +129,11 @@ class QuantConfig:
                                   f"got {pattern!r}")
 
     @classmethod
+    def from_section(cls, values: Dict[str, Any], source: str, key: str) -> "QuantConfig":
+        """The `quant:` section of an experiment config (config.py calls this for sections that define it)."""
+        return cls.from_dict(values, source, key)
+
+    @classmethod
     def from_dict(cls, values: Dict[str, Any], source: str = "<dict>", prefix: str = "quant") -> "QuantConfig":
         """Unknown keys, wrong types and impossible values are ConfigErrors naming `source` and the dotted key.
 
