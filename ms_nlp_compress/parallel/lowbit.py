@@ -189,6 +189,8 @@ class LowBitAllGatherReducer(nn.Cell):
         self.world_size = world_size
         self.warmup_steps = int(comm.warmup_steps)
         self.error_feedback = bool(comm.error_feedback)
+        # The residual differs per rank: a multi-rank resume must restore each rank's own copy (parallel/README.md)
+        self.per_rank_state = self.error_feedback
         self.noise = RandomStream(GRADIENT_NOISE_SITE)
         self.exchanges = Parameter(Tensor(0, ms.int32), name="exchanges", requires_grad=False)
         if self.error_feedback:
