@@ -19,8 +19,15 @@ def fmix32(x):
     return x
 
 
-def reference_keep_mask(shape, seed, site, counter, p):
-    site_key = (seed * 0x165667B1 + site * 0x27D4EB2F) & 0x7FFFFFFF
+def reference_stream_seed(seed, rank=0):
+    """The stream base of (run seed, rank): fmix32(fmix32(seed) xor rank * 0x61C88647), 31 bits."""
+    mixed = fmix32(np.array([seed & 0xFFFFFFFF], np.uint64))[0]
+    rank_term = np.uint32((rank * 0x61C88647) & 0xFFFFFFFF)
+    return int(fmix32(np.array([mixed ^ rank_term], np.uint64))[0]) & 0x7FFFFFFF
+
+
+def reference_keep_mask(shape, seed, site, counter, p, rank=0):
+    site_key = (reference_stream_seed(seed, rank) * 0x165667B1 + site * 0x27D4EB2F) & 0x7FFFFFFF
     key = fmix32(np.array([(counter * 0x165667B1 + site_key) & 0xFFFFFFFF], np.uint64))[0]
     index = np.arange(int(np.prod(shape)), dtype=np.uint64)
     bits = fmix32((index * 0x9E3779B1 + int(key)) & 0xFFFFFFFF)
@@ -43,6 +50,12 @@ def test_masks_match_the_uint32_reference(seed_7, execution_mode):
         keep = reference_keep_mask((3, 4, 50), 7, 5, counter, 0.25)
         np.testing.assert_allclose(out, np.where(keep, 1 / 0.75, 0.0), rtol=1e-6)
     assert int(cell.rng_counter.asnumpy()) == 3
+    set_dropout_seed(7, rank=3)  # another rank of the same run: its own stream, still the reference's
+    other = StatelessDropout(0.25, site=5)
+    other.set_train(True)
+    np.testing.assert_allclose(other(x).asnumpy(),
+                               np.where(reference_keep_mask((3, 4, 50), 7, 5, 1, 0.25, rank=3), 1 / 0.75, 0.0),
+                               rtol=1e-6)
 
 
 def test_rate_sites_and_resume(seed_7, graph_mode):
