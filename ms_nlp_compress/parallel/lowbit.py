@@ -130,7 +130,7 @@ def unpack_words_graph(words, bits: int):
 class FusedLayout:
     """Static layout of the fused gradient vector: offsets, groups (per tensor or per bucket), packed sizes."""
 
-    def __init__(self, shapes: Sequence[Sequence[int]], bits: int, bucket_size: int = 0):
+    def __init__(self, shapes: Sequence[Sequence[int]], bits: int, bucket_size: int = 0, shards: int = 1):
         if not shapes:
             raise ConfigError("comm: the low-bit reducer got no parameters to exchange")
         self.shapes = [tuple(int(extent) for extent in shape) for shape in shapes]
@@ -140,8 +140,9 @@ class FusedLayout:
         self.bits = bits
         self.bucket_size = bucket_size
         if bucket_size:
-            self.groups = math.ceil(self.total / bucket_size)
-            self.padded = self.groups * bucket_size  # the last bucket is zero padded
+            # whole buckets per shard (the sharded scheme): the bucket count is a multiple of `shards`
+            self.groups = math.ceil(self.total / (bucket_size * shards)) * shards
+            self.padded = self.groups * bucket_size  # the last bucket(s) are zero padded
         else:
             self.groups = len(self.sizes)
             self.padded = self.total
@@ -177,12 +178,12 @@ class LowBitAllGatherReducer(nn.Cell):
     accounting), the noise stream's counter, and with error feedback `residual` (this rank's carried error).
     """
 
-    def __init__(self, parameters: Sequence[Parameter], comm: CommConfig, world_size: int):
+    def __init__(self, parameters: Sequence[Parameter], comm: CommConfig, world_size: int, shards: int = 1):
         super().__init__()
         comm.validate("comm")
         if world_size < 1:
             raise ConfigError(f"parallel.world_size must be >= 1, got {world_size}")
-        self.layout = FusedLayout([p.shape for p in parameters], comm.gradient_bits, comm.bucket_size)
+        self.layout = FusedLayout([p.shape for p in parameters], comm.gradient_bits, comm.bucket_size, shards)
         self.bits = comm.gradient_bits
         self.top = float(top_level(self.bits))
         self.clip_factor = None if comm.clip_factor is None else float(comm.clip_factor)
@@ -333,5 +334,5 @@ def make_comm_reducer(comm: CommConfig, parameters: Sequence[Parameter], world_s
         return None
     if comm.scheme == "allgather":
         return LowBitAllGatherReducer(list(parameters), comm, world_size)
-    raise ConfigError("comm.scheme: sharded updates weights on the owner rank and needs ShardedLowBitUpdate "
-                      "(ms_nlp_compress.parallel.sharded) in place of the optimizer, not a gradient reducer")
+    raise ConfigError("comm.scheme: sharded updates the weights on their owner rank: use "
+                      "ms_nlp_compress.parallel.sharded.ShardedLowBitUpdate in place of reducer + optimizer")

@@ -84,3 +84,12 @@ def pack_words(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.concatenate([codes, np.zeros((-codes.size) % per_word, np.uint64)]).reshape(-1, per_word)
     shifts = (bits * np.arange(per_word)).astype(np.uint64)
     return np.bitwise_or.reduce(codes << shifts, axis=1).astype(np.uint32).view(np.int32)
+
+
+def twn_buckets(weights: np.ndarray, bucket: int) -> np.ndarray:
+    """TWN per bucket in float64: keep |w| > 0.7 mean|w|, alpha = mean of the kept |w|; returns alpha*sign*keep."""
+    rows = weights.astype(np.float64).reshape(-1, bucket)
+    magnitude = np.abs(rows)
+    keep = magnitude > 0.7 * magnitude.mean(1, keepdims=True)
+    alpha = (magnitude * keep).sum(1, keepdims=True) / np.maximum(keep.sum(1, keepdims=True), 1)
+    return (alpha * np.sign(rows) * keep).reshape(-1)

@@ -24,6 +24,7 @@ from ms_nlp_compress.models.dropout import set_dropout_seed  # noqa: E402
 from ms_nlp_compress.models.nezha import NezhaForSequenceClassification  # noqa: E402
 from ms_nlp_compress.parallel.comm_config import CommConfig  # noqa: E402
 from ms_nlp_compress.parallel.lowbit import LowBitAllGatherReducer  # noqa: E402
+from ms_nlp_compress.parallel.sharded import ShardedLowBitUpdate  # noqa: E402
 from ms_nlp_compress.parallel.setup import init_data_parallel  # noqa: E402
 from ms_nlp_compress.train.batches import ArrayBatches  # noqa: E402
 from ms_nlp_compress.train.losses import SequenceClassificationLoss  # noqa: E402
@@ -103,6 +104,23 @@ def main():
                                     size)
     exchange(second, rank, 1, record, "bucket3")
     np.savez(output / f"exchange_{rank}.npz", **record)
+
+    # scheme 2: 4-bit gradients, buckets of 64 (rank r owns bucket r), TWN weights, SGD 0.1, two updates
+    rng = np.random.default_rng(7)  # the same initial weights on both ranks
+    weights = [ms.Parameter(Tensor(rng.normal(size=shape).astype(np.float32)), name=f"w{i}")
+               for i, shape in enumerate(SHAPES)]
+    sharded_record = {"initial": np.concatenate([w.asnumpy().reshape(-1) for w in weights])}
+    sharded = ShardedLowBitUpdate(weights, CommConfig(scheme="sharded", gradient_bits=4, bucket_size=64,
+                                                      weight_bits=2), size, rank, learning_rate=0.1)
+    for call in range(2):
+        grads = gradients(rank, 10 + call)
+        inputs = ms.mutable(tuple(Tensor(g) for g in grads))
+        sharded_record[f"grads_{call}"] = np.concatenate([g.reshape(-1) for g in grads])
+        sharded_record[f"scales_{call}"] = Scales(sharded.exchange)(inputs).asnumpy()
+        sharded(inputs)
+        sharded_record[f"weights_{call}"] = np.concatenate([w.asnumpy().reshape(-1) for w in weights])
+    sharded_record["master"] = sharded.master.asnumpy()
+    np.savez(output / f"sharded_{rank}.npz", **sharded_record)
 
     ms.set_seed(0)  # the same initial weights on every rank
     model = NezhaForSequenceClassification(config.model, 2)

@@ -61,6 +61,27 @@ def test_exchange_matches_twin_and_ranks_stay_identical(tmp_path):
     for record in records:
         np.testing.assert_array_equal(record["bucket3_mean_0"], expected[:121])
 
+    # scheme 2 (sharded): the owners' SGD on the exactly reproduced mean gradient, then TWN per 64-bucket
+    shard_records = [dict(np.load(tmp_path / "out" / f"sharded_{rank}.npz")) for rank in (0, 1)]
+    master = np.concatenate([shard_records[0]["initial"], np.zeros(padded - 121, np.float32)])
+    for call in range(2):
+        flats = [np.concatenate([r[f"grads_{call}"], np.zeros(padded - 121, np.float32)]) for r in shard_records]
+        scales = [r[f"scales_{call}"] for r in shard_records]
+        for flat, scale in zip(flats, scales):
+            np.testing.assert_allclose(scale, twin.reference_scales(flat, [64, 64], 3.0), rtol=2e-6)
+        noises = [twin.stream_uniforms(0, rank, GRADIENT_NOISE_SITE, call + 1, padded) for rank in (0, 1)]
+        mean, _ = twin.exchange_mean(flats, scales, noises, [64, 64], 4)
+        master = (master - np.float32(0.1) * mean).astype(np.float32)
+        expected = twin.twn_buckets(master, 64)[:121]
+        for rank, record in enumerate(shard_records):
+            got = record[f"weights_{call}"]
+            np.testing.assert_array_equal(got == 0, expected == 0, err_msg=f"TWN zeros, call {call} rank {rank}")
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0, err_msg=f"call {call} rank {rank}")
+    for rank, record in enumerate(shard_records):  # each owner holds the fp32 master of its own bucket, exactly
+        np.testing.assert_array_equal(record["master"], master[64 * rank:64 * (rank + 1)])
+    np.testing.assert_array_equal(shard_records[0]["weights_1"], shard_records[1]["weights_1"])
+    assert len(np.unique(np.abs(shard_records[0]["weights_1"][:64]))) == 2  # ternary: 0 and one alpha per bucket
+
     # Trainer with the low-bit reducer: the ranks hold bit-identical weights after 4 updates, which moved
     ranks = [dict(np.load(tmp_path / "out" / f"train_{rank}.npz")) for rank in (0, 1)]
     initial = dict(np.load(tmp_path / "out" / "initial_0.npz"))
