@@ -322,10 +322,11 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    # Compression sections; their dataclasses live with their algorithm and are bound at the end of this module.
-    distill: "DistillConfig" = field(default_factory=lambda: DistillConfig())
-    augment: "AugmentConfig" = field(default_factory=lambda: AugmentConfig())
-    quant: "QuantConfig" = field(default_factory=lambda: QuantConfig())
+    # Compression sections; their dataclasses live with their algorithm (which imports this module), so they are
+    # looked up lazily: see `section_types`.
+    distill: "DistillConfig" = field(default_factory=lambda: section_types()["DistillConfig"]())
+    augment: "AugmentConfig" = field(default_factory=lambda: section_types()["AugmentConfig"]())
+    quant: "QuantConfig" = field(default_factory=lambda: section_types()["QuantConfig"]())
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
@@ -405,9 +406,21 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key}: unsupported annotation {tp}")
 
 
+def section_types() -> Dict[str, type]:
+    """The config sections defined next to their algorithm, by the names ExperimentConfig's annotations use.
+
+    Imported on first use, not at module level: those modules import NezhaConfig and `from_mapping` from here, so a
+    module-level import would be circular whichever side is imported first.
+    """
+    from ms_nlp_compress.compress.distill.config import AugmentConfig, DistillConfig
+    from ms_nlp_compress.compress.quant.config import QuantConfig
+
+    return {"DistillConfig": DistillConfig, "AugmentConfig": AugmentConfig, "QuantConfig": QuantConfig}
+
+
 def from_mapping(cls: type, values: Dict[str, Any], source: str, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types (named by dotted key)."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns=section_types() if cls is ExperimentConfig else None)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -548,7 +561,3 @@ def dump_config(config: Any, path: Union[str, Path]) -> None:
 
     write_text_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
-
-# The algorithm sections import NezhaConfig from this module, so they are bound here, once it is complete.
-from ms_nlp_compress.compress.distill.config import AugmentConfig, DistillConfig  # noqa: E402
-from ms_nlp_compress.compress.quant.config import QuantConfig  # noqa: E402
