@@ -327,12 +327,14 @@ class ExperimentConfig:
     distill: "DistillConfig" = field(default_factory=lambda: section_types()["DistillConfig"]())
     augment: "AugmentConfig" = field(default_factory=lambda: section_types()["AugmentConfig"]())
     quant: "QuantConfig" = field(default_factory=lambda: section_types()["QuantConfig"]())
+    comm: "CommConfig" = field(default_factory=lambda: section_types()["CommConfig"]())
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
         self.distill.validate("distill")
         self.augment.validate("augment")
         self.quant.validate("quant")
+        self.comm.validate("comm")
         self.train.validate("train")
         self.pretrain.validate("pretrain")
         self.runtime.validate("runtime")
@@ -414,8 +416,10 @@ def section_types() -> Dict[str, type]:
     """
     from ms_nlp_compress.compress.distill.config import AugmentConfig, DistillConfig
     from ms_nlp_compress.compress.quant.config import QuantConfig
+    from ms_nlp_compress.parallel.comm_config import CommConfig
 
-    return {"DistillConfig": DistillConfig, "AugmentConfig": AugmentConfig, "QuantConfig": QuantConfig}
+    return {"DistillConfig": DistillConfig, "AugmentConfig": AugmentConfig, "QuantConfig": QuantConfig,
+            "CommConfig": CommConfig}
 
 
 def from_mapping(cls: type, values: Dict[str, Any], source: str, prefix: str = "") -> Any:

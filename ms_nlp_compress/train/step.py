@@ -113,8 +113,14 @@ def _clip(grads, norm, max_norm: float):
 
 
 class FinishGradients(nn.Cell):
-    """Reduce across ranks (mean), unscale, check finiteness (after the reduce: the same verdict on every rank),
-    global norm, clip. Returns (gradients, finite flag, norm before clipping)."""
+    """Unscale, reduce across ranks (mean), check finiteness (after the reduce: the same verdict on every rank),
+    global norm, clip. Returns (gradients, finite flag, norm before clipping).
+
+    The reducer sees unscaled gradients: a compressed exchange (parallel/lowbit.py) quantizes and carries its
+    error-feedback residual in the gradients' own units, whatever the loss scale does between steps. A non-finite
+    gradient on any rank still reaches every rank through the reduction (NaN / inf poison the mean or the gathered
+    scales), so every rank takes the same skip decision.
+    """
 
     def __init__(self, reducer: Optional[nn.Cell], max_grad_norm: Optional[float]):
         super().__init__(auto_prefix=False)
@@ -122,12 +128,12 @@ class FinishGradients(nn.Cell):
         self.max_grad_norm = max_grad_norm
 
     def construct(self, grads, scale):
-        if self.reducer is not None:
-            grads = self.reducer(grads)
         inverse = 1.0 / scale
         unscaled = ()
         for grad in grads:
             unscaled = unscaled + (grad * inverse.astype(grad.dtype),)
+        if self.reducer is not None:
+            unscaled = self.reducer(unscaled)
         finite = ms.amp.all_finite(unscaled)
         norm = _global_norm(unscaled)
         if self.max_grad_norm is not None:

@@ -21,6 +21,7 @@ from mindspore import Tensor, nn
 
 from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.config import ExperimentConfig, TrainConfig
+from ms_nlp_compress.errors import CheckpointError
 from ms_nlp_compress.train.batches import BatchSource
 from ms_nlp_compress.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from ms_nlp_compress.train.optim import build_optimizer
@@ -146,6 +147,10 @@ class Trainer:
         mode = resolve_loss_scale_mode(self.train.loss_scale, config.runtime.precision, config.runtime.amp_dtype)
         self.scaler = LossScaler(mode, self.train.loss_scale_value, self.train.loss_scale_factor,
                                  self.train.loss_scale_window)
+        if reducer is None and world_size > 1 and config.comm.compressed:
+            from ms_nlp_compress.parallel.lowbit import make_comm_reducer
+
+            reducer = make_comm_reducer(config.comm, list(optimizer.parameters), world_size)
         if reducer is None:
             reducer = make_reducer(list(optimizer.parameters), world_size)
         self.reducer = reducer
@@ -195,6 +200,12 @@ class Trainer:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return None
+        if self.world_size > 1 and getattr(self.reducer, "per_rank_state", False):
+            # Checkpoints are written by rank 0 alone; each rank's error-feedback residual is its own, so loading
+            # rank 0's into every rank would silently change the run. Refuse until per-rank state is saved.
+            raise CheckpointError(f"{path}: cannot resume comm.error_feedback with {self.world_size} ranks yet (each "
+                                  "rank's residual is not checkpointed separately); restart the run with "
+                                  "--no-resume, or train without comm.error_feedback")
         state = load_checkpoint(path, self._checkpoint_model(), self._optimizer_cells())
         self.scaler.load_state_dict(state.pop("scaler"))
         self.step.load_state_dict(state.pop("step", {}))
@@ -279,6 +290,8 @@ class Trainer:
                               "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
                               "skipped": not result.applied, "seconds": round(time.perf_counter() - started, 3)}
                     record.update({f"loss_{name}": float(np.mean(values)) for name, values in component_sums.items()})
+                    if hasattr(self.reducer, "comm_stats"):  # bytes handed to the collectives, exchanges so far
+                        record.update(self.reducer.comm_stats())
                     self._write_metrics(record)
                     losses = []
                     component_sums = {}

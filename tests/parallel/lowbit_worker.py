@@ -125,11 +125,14 @@ def main():
     ms.set_seed(0)  # the same initial weights on every rank
     model = NezhaForSequenceClassification(config.model, 2)
     np.savez(output / f"initial_{rank}.npz", **tiny_task.weights(model))
-    comm = CommConfig(scheme="allgather", gradient_bits=2, error_feedback=True, warmup_steps=1, bucket_size=256)
-    reducer = LowBitAllGatherReducer(model.trainable_params(), comm, size)
+    # the `comm:` section alone selects the exchange: the Trainer builds the reducer from it
+    config.comm = CommConfig(scheme="allgather", gradient_bits=2, error_feedback=True, warmup_steps=1,
+                             bucket_size=256)
     batches = ArrayBatches(tiny_task.columns(), tiny_task.ORDER, batch_size=4, seed=0, rank=rank, world_size=size)
     trainer = Trainer(config, model, SequenceClassificationLoss(model), batches, output / "run", rank=rank,
-                      world_size=size, log=lambda message: None, reducer=reducer)
+                      world_size=size, log=lambda message: None)
+    reducer = trainer.reducer
+    assert isinstance(reducer, LowBitAllGatherReducer), type(reducer)
     trainer.fit()
     np.savez(output / f"train_{rank}.npz", **tiny_task.weights(model))
     (output / f"comm_{rank}.json").write_text(json.dumps(reducer.comm_stats()))

@@ -96,6 +96,11 @@ def test_exchange_matches_twin_and_ranks_stay_identical(tmp_path):
     per_step = stats[0]["comm_bytes_per_lowbit_step"]
     assert per_step * 10 < stats[0]["comm_bytes_per_fp32_step"]  # 2-bit codes + a scale per 256 entries
     assert stats[0]["comm_bytes_sent"] == stats[0]["comm_bytes_per_fp32_step"] + 3 * per_step
+    # the Trainer logs the exchange counters with each train record (rank 0 writes metrics.jsonl)
+    logged = [json.loads(line) for line in (tmp_path / "out" / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [record for record in logged if record["type"] == "train"]
+    assert [record["update"] for record in logged] == [4]  # log_every 10: the last update is logged
+    assert logged[-1]["comm_exchanges"] == 4 and logged[-1]["comm_bytes_sent"] == stats[0]["comm_bytes_sent"]
 
 
 def test_a_rank_dying_mid_exchange_fails_the_launch(tmp_path):
