@@ -161,7 +161,7 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.state = {"epoch": 0, "next_batch": 0, "updates": 0, "best_metric": None, "best_step": None,
-                      "last_eval": {}}
+                      "last_eval": {}, "evaluated_update": None}
 
     # ----------------------------------------------------------------------------------------------------------
     def _checkpoint_model(self) -> nn.Cell:
@@ -241,6 +241,7 @@ class Trainer:
         metrics = self.evaluate()
         self.step.set_train(True)
         self.state["last_eval"] = metrics
+        self.state["evaluated_update"] = self.state["updates"]
         record = {"type": "eval", "update": self.state["updates"], "epoch": self.state["epoch"], **metrics}
         self._write_metrics(record)
         value = metrics.get(self.metric) if self.metric else None
@@ -310,11 +311,18 @@ class Trainer:
                 if not self.train.save_every:
                     self._save()
                 continue
-            if self.state["updates"] >= self.updates_total and not self.train.save_every:
-                self._save()
+            # evaluate before saving, so the checkpoint records that the final evaluation happened
             if self.state["updates"] >= self.updates_total and not self.train.eval_every:
                 self._run_evaluation()
+            if self.state["updates"] >= self.updates_total and not self.train.save_every:
+                self._save()
             break
+        if self.evaluate is not None and self.state["updates"] >= self.updates_total \
+                and self.state["evaluated_update"] != self.state["updates"]:
+            # A run killed between its final checkpoint and its final evaluation (or one whose eval_every does not
+            # divide the total) evaluates the final weights now, so best-model selection always sees them.
+            self._run_evaluation()
+            self._save()
         progress.close()
         return TrainResult(self.state["updates"], self.state["epoch"], self.state["best_metric"],
                            self.state["best_step"], self.state["last_eval"], time.perf_counter() - started,

@@ -319,3 +319,26 @@ def test_after_update_runs_once_per_applied_update_and_sees_the_new_weights(tmp_
     assert [step for step, _ in seen] == [1, 2, 3]
     assert not np.array_equal(seen[0][1], before)  # the first call already sees the first update's weights
     np.testing.assert_array_equal(seen[-1][1], model.classifier.weight.asnumpy())
+
+
+def test_a_final_evaluation_lost_to_a_crash_runs_on_resume(tmp_path, graph_mode):
+    """Killed after the final checkpoint but before the final evaluation: the resumed run evaluates the final
+    weights (and selects the best model) instead of finding nothing left to do and never writing `best/`."""
+    trainer, _ = tiny_task.build(tmp_path, max_steps=4, eval_every=0, save_every=4, rows=48)
+
+    def crash():
+        raise KeyboardInterrupt("killed during the final evaluation")
+
+    trainer.evaluate = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-0000004"  # saved before the crash
+    resumed, _ = tiny_task.build(tmp_path, max_steps=4, eval_every=0, save_every=4, rows=48)
+    best = []
+    resumed.on_best = lambda metrics, update: best.append(update)
+    result = resumed.fit()
+    assert result.resumed_from.endswith("step-0000004") and best == [4] and result.best_step == 4
+    assert "acc" in result.last_eval
+    again, _ = tiny_task.build(tmp_path, max_steps=4, eval_every=0, save_every=4, rows=48)
+    again.evaluate = crash  # evaluated and saved: a third start has nothing left to do
+    assert again.fit().best_step == 4
