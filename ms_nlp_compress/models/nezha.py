@@ -423,8 +423,12 @@ class NezhaForMaskedLM(nn.Cell):
             index = masked_positions.astype(ms.int32).expand_dims(-1)  # (B, P, 1)
             index = ops.broadcast_to(index, (index.shape[0], index.shape[1], sequence_output.shape[2]))
             sequence_output = ops.gather_elements(sequence_output, 1, index)  # (B, P, H)
-        table = self.word_table_quant(self.bert.embeddings.word_embeddings.embedding_table)  # (V, H)
-        return self.lm_head(sequence_output, table), all_hidden, all_scores
+        return self.lm_head(sequence_output, self.decoder_table()), all_hidden, all_scores
+
+    def decoder_table(self):
+        """The (V, H) table the tied decoder multiplies by: the word embeddings, through their weight point (a
+        converted model overrides this to decode its integer codes)."""
+        return self.word_table_quant(self.bert.embeddings.word_embeddings.embedding_table)
 
 
 class SentenceEncoder(nn.Cell):

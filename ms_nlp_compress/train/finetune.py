@@ -157,6 +157,18 @@ def evaluate_classifier(model: nn.Cell, columns: Dict[str, np.ndarray], task, ba
     return {key: float(value) for key, value in metrics.items()}
 
 
+def evaluate_test_split(config: ExperimentConfig, model: nn.Cell, tokenizer, task):
+    """(metrics, number of examples) of `model` on the task's labelled test.tsv, or None when there is none."""
+    data_dir = resolve_path(config.data.data_dir)
+    if data_dir is None or not (data_dir / "test.tsv").is_file():
+        return None
+    _, examples = read_split(config, "test")
+    if not examples or examples[0].label is None:
+        return None
+    columns = encode(examples, tokenizer, config.data.max_length, task.is_regression)
+    return evaluate_classifier(model, columns, task, config.data.eval_batch_size), len(examples)
+
+
 def selection_metric(task) -> str:
     return {"accuracy": "acc", "accuracy_and_f1": "acc_and_f1", "matthews_corrcoef": "mcc",
             "pearson_and_spearman": "corr"}.get(task.metric, "acc")
@@ -220,12 +232,9 @@ def run_finetune(config: ExperimentConfig, resume: bool = True, log=print) -> Di
     if rank == 0 and best_dir.is_dir():
         best, _ = load_model_dir(best_dir)
         report["best_dev"] = evaluate_classifier(best, dev_columns, task, config.data.eval_batch_size)
-        data_dir = resolve_path(config.data.data_dir)
-        if (data_dir / "test.tsv").is_file():
-            _, test_examples = read_split(config, "test")
-            if test_examples and test_examples[0].label is not None:
-                test_columns = encode(test_examples, tokenizer, config.data.max_length, task.is_regression)
-                report["test"] = evaluate_classifier(best, test_columns, task, config.data.eval_batch_size)
+        test = evaluate_test_split(config, best, tokenizer, task)
+        if test is not None:
+            report["test"] = test[0]
         write_text_atomic(output_dir / "results.json", json.dumps(report, indent=2))
     return report
 

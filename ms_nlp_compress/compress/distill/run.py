@@ -269,8 +269,8 @@ def run_task(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     from ms_nlp_compress.models.checkpoint import (cell_weights, load_model_dir, load_weights, read_model_dir,
                                                    read_model_document, save_model_dir)
     from ms_nlp_compress.models.frozen import Frozen
-    from ms_nlp_compress.train.finetune import (encode, evaluate_classifier, load_tokenizer_for, read_split,
-                                                selection_metric)
+    from ms_nlp_compress.train.finetune import (encode, evaluate_classifier, evaluate_test_split,
+                                                load_tokenizer_for, read_split, selection_metric)
     from ms_nlp_compress.train.trainer import start_run
 
     distill = config.distill
@@ -366,13 +366,9 @@ def run_task(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     report["teacher_model"] = _describe(teacher.cell, teacher_config)
     report["dev"] = evaluate_classifier(final, dev_columns, task, config.data.eval_batch_size)
     report["splits"] = {"train": len(train_examples), "dev": len(dev_examples)}
-    data_dir = _resolve(config.data.data_dir)
-    if (data_dir / "test.tsv").is_file():
-        _, test_examples = read_split(config, "test")
-        if test_examples and test_examples[0].label is not None:
-            test_columns = encode(test_examples, tokenizer, config.data.max_length, task.is_regression)
-            report["test"] = evaluate_classifier(final, test_columns, task, config.data.eval_batch_size)
-            report["splits"]["test"] = len(test_examples)
+    test = evaluate_test_split(config, final, tokenizer, task)
+    if test is not None:
+        report["test"], report["splits"]["test"] = test
     write_text_atomic(output_dir / "results.json", json.dumps(report, indent=2))
     return report
 

@@ -331,14 +331,8 @@ class QuantizedNezhaForMaskedLM(NezhaForMaskedLM):
         super().__init__(config, **kwargs)
         _pack_structure(self, QuantConfig.from_dict(quant, "model document quant"))
 
-    def construct(self, input_ids, attention_mask=None, token_type_ids=None, masked_positions=None):
-        sequence_output, _, all_hidden, all_scores = self.bert(input_ids, attention_mask, token_type_ids)
-        if masked_positions is not None:
-            index = masked_positions.astype(ms.int32).expand_dims(-1)  # (B, P, 1)
-            index = ops.broadcast_to(index, (index.shape[0], index.shape[1], sequence_output.shape[2]))
-            sequence_output = ops.gather_elements(sequence_output, 1, index)  # (B, P, H)
-        table = self.bert.embeddings.word_embeddings.table()  # (V, H)
-        return self.lm_head(sequence_output, table), all_hidden, all_scores
+    def decoder_table(self):
+        return self.bert.embeddings.word_embeddings.table()  # (V, H), decoded from the codes
 
 
 _QUANTIZED_OF = {NezhaModel: QuantizedNezhaModel,
