@@ -53,6 +53,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
+from ms_nlp_compress.data.fetch import sha256_of
 from ms_nlp_compress.data.tokenization import RaggedEncoding
 from ms_nlp_compress.errors import ConfigError, DataError
 
@@ -76,19 +77,11 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> dict:
     """What decides the ids: class, vocabulary file hash, lowercasing and special ids."""
     vocab = getattr(tokenizer, "vocab_path", None) or getattr(tokenizer, "model_path", None)
     return {"class": type(tokenizer).__name__, "vocab": str(vocab) if vocab else None,
-            "vocab_sha256": file_sha256(Path(vocab)) if vocab else None,
+            "vocab_sha256": sha256_of(Path(vocab)) if vocab else None,
             "lowercase": bool(getattr(tokenizer, "lowercase", False)), "vocab_size": int(tokenizer.vocab_size),
             "special_ids": {key: int(value) for key, value in tokenizer.special_ids().items()}}
 
@@ -284,7 +277,7 @@ def build_shards_from_lines(path: Union[str, Path], tokenizer, output: Union[str
     with _building(Path(output)) as partial:
         writer = ShardWriter(partial, max_length, tokenizer.pad_id, tokenizer.vocab_size, shard_rows,
                              word_ids=word_ids, progress=report,
-                             metadata={"source": {"path": str(path), "kind": "lines", "sha256": file_sha256(path)},
+                             metadata={"source": {"path": str(path), "kind": "lines", "sha256": sha256_of(path)},
                                        "tokenizer": tokenizer_fingerprint(tokenizer)})
         for chunk in _chunks(iter_lines(path, skip_malformed, skipped), ENCODE_CHUNK):
             state["bytes"] = chunk[-1][2]
@@ -314,7 +307,7 @@ def build_shards_from_tsv(task: str, path: Union[str, Path], tokenizer, output: 
         writer = ShardWriter(
             partial, max_length, tokenizer.pad_id, tokenizer.vocab_size, shard_rows, label_dtype=label_dtype,
             word_ids=word_ids, metadata={"source": {"path": str(path), "kind": "tsv", "task": spec.name,
-                                                    "sha256": file_sha256(Path(path))},
+                                                    "sha256": sha256_of(Path(path))},
                                          "tokenizer": tokenizer_fingerprint(tokenizer)},
             progress=(lambda event: progress({**event, "total_rows": len(examples)})) if progress else None)
         for start in range(0, len(examples), ENCODE_CHUNK):
@@ -571,7 +564,7 @@ def count_lines(path: Path) -> int:
 def source_key(path: Path, tokenizer, task: Optional[str], max_length: int, shard_rows: int,
                word_ids: bool, skip_malformed: bool) -> str:
     """Names the shards of (file content, tokenizer, settings): a changed input never reuses stale shards."""
-    identity = {"format": FORMAT, "version": VERSION, "source_sha256": file_sha256(path),
+    identity = {"format": FORMAT, "version": VERSION, "source_sha256": sha256_of(path),
                 "tokenizer": tokenizer_fingerprint(tokenizer), "task": task, "max_length": max_length,
                 "shard_rows": shard_rows, "word_ids": word_ids, "skip_malformed": skip_malformed}
     return _sha256(json.dumps(identity, sort_keys=True).encode())
