@@ -328,6 +328,7 @@ class ExperimentConfig:
     augment: "AugmentConfig" = field(default_factory=lambda: section_types()["AugmentConfig"]())
     quant: "QuantConfig" = field(default_factory=lambda: section_types()["QuantConfig"]())
     comm: "CommConfig" = field(default_factory=lambda: section_types()["CommConfig"]())
+    dynabert: "DynaBertConfig" = field(default_factory=lambda: section_types()["DynaBertConfig"]())
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate("model")
@@ -335,6 +336,7 @@ class ExperimentConfig:
         self.augment.validate("augment")
         self.quant.validate("quant")
         self.comm.validate("comm")
+        self.dynabert.validate("dynabert")
         self.train.validate("train")
         self.pretrain.validate("pretrain")
         self.runtime.validate("runtime")
@@ -416,10 +418,11 @@ def section_types() -> Dict[str, type]:
     """
     from ms_nlp_compress.compress.distill.config import AugmentConfig, DistillConfig
     from ms_nlp_compress.compress.quant.config import QuantConfig
+    from ms_nlp_compress.compress.dynabert.config import DynaBertConfig
     from ms_nlp_compress.parallel.comm_config import CommConfig
 
     return {"DistillConfig": DistillConfig, "AugmentConfig": AugmentConfig, "QuantConfig": QuantConfig,
-            "CommConfig": CommConfig}
+            "CommConfig": CommConfig, "DynaBertConfig": DynaBertConfig}
 
 
 def from_mapping(cls: type, values: Dict[str, Any], source: str, prefix: str = "") -> Any:

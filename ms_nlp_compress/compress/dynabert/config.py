@@ -7,13 +7,15 @@ Defaults are the reference's (algorithms.md Part B 3): widths 1.0/0.75/0.5/0.25,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
 
-from ms_nlp_compress.config import from_mapping
+from ms_nlp_compress.config import TrainConfig, from_mapping
 from ms_nlp_compress.errors import ConfigError
 
 STAGES = ("width", "width_depth")  # DynaBERT_W (stage 1), DynaBERT (stage 2)
 TEACHERS = ("same_width", "full_width")  # stage 2: the paper's teacher, or the reference code's
+GRAPHS = ("separate", "single")  # one gradient graph per sub-network (summed), or one graph over all of them
 
 
 @dataclass
@@ -35,6 +37,16 @@ class DynaBertConfig:
     stage2_hidden_weight: float = 1.0
     importance_examples: int = 2048  # held-out TRAINING examples scored for importance (not dev: no leakage)
     importance_batch_size: int = 32
+    # separate: one compiled gradient graph per sub-network, gradients summed, one clip and one update (the
+    # engine's `separate_members` mode); single: one graph over the sum (exact too, but on CPU its compile memory
+    # grows with the number of sub-networks: 5.2 GB for 1 and > 11.7 GB for 12 at MiniLM shape, README).
+    graph: str = "separate"
+    # `msnc dynabert train`: the fine-tuned teacher (a model directory; else `pretrained`), the stages run in order,
+    # and `train:` keys overridden per stage (as distill.intermediate_train).
+    teacher_model: Optional[str] = None
+    stages: List[str] = field(default_factory=lambda: ["width", "width_depth"])
+    width_train: Dict[str, Any] = field(default_factory=dict)
+    width_depth_train: Dict[str, Any] = field(default_factory=dict)
 
     def validate(self, prefix: str = "dynabert") -> None:
         def check(condition: bool, key: str, message: str) -> None:
@@ -57,6 +69,12 @@ class DynaBertConfig:
                   f"{stage}_logits_weight", "both weights of this stage are 0: nothing to distil")
         for key in ("importance_examples", "importance_batch_size"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        check(self.graph in GRAPHS, "graph", f"must be one of {GRAPHS}, got {self.graph!r}")
+        check(len(self.stages) > 0, "stages", "must list at least one stage")
+        for stage in self.stages:
+            check(stage in STAGES, "stages", f"every stage must be one of {STAGES}, got {stage!r}")
+        check(list(self.stages) == sorted(set(self.stages), key=STAGES.index), "stages",
+              f"must be in order {list(STAGES)} without repeats, got {list(self.stages)}")
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], source: str = "<dict>") -> "DynaBertConfig":
@@ -65,6 +83,21 @@ class DynaBertConfig:
             config.validate()
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+        return config
+
+    def stage_train(self, train: TrainConfig, stage: str, prefix: str = "dynabert") -> TrainConfig:
+        """The `train:` section with `<stage>_train`'s keys overridden (typed and validated; errors name the key)."""
+        key = f"{stage}_train"
+        overrides = getattr(self, key)
+        typed = from_mapping(TrainConfig, overrides, f"{prefix}.{key} (overrides of train:)", f"{prefix}.{key}")
+        resolved = dataclasses.replace(train, **{name: getattr(typed, name) for name in overrides})
+        resolved.validate(f"{prefix}.{key}")
+        return resolved
+
+    def for_stage(self, stage: str) -> "DynaBertConfig":
+        """This section with `stage` set (what `build_loss` reads)."""
+        config = dataclasses.replace(self, stage=stage)
+        config.validate()
         return config
 
     def widths(self) -> Tuple[float, ...]:

@@ -7,6 +7,12 @@ value_and_grad, global-norm clip, one optimizer call) differentiates the sum, wh
 sub-networks' gradients. This is not the engine's gradient accumulation, which averages different batches and
 returns to the host between micro-batches; here there is one graph and one host round trip per update.
 
+Two ways to compile that sum (`dynabert.graph`). `single`: one graph over `construct` below (every sub-network
+unrolled into one gradient graph). `separate` (default): the loss cell exposes its distillers as `separate_members`
+and the engine's `TrainStep` builds one gradient graph per member, SUMS their gradients, then reduces, clips and
+steps once: the same update, but only one sub-network's graph and activations are alive at a time (on CPU the
+single graph needed 5.2 GB to compile one MiniLM-shape sub-network and more than 11.7 GB for 12: README).
+
 Each sub-network distils from its teacher with DynaBERT's terms: logits_weight * soft cross-entropy of the logits +
 hidden_weight * (MSE of the embedding outputs + sum of MSEs of the matched hidden states), student state j matched
 with teacher state floor(j / d) (`depth_layer_mapping`); no attention term, no projection (equal widths).
@@ -19,7 +25,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ms_nlp_compress.compress.distill.distiller import Distiller, HiddenProjection
-from ms_nlp_compress.compress.dynabert.config import DynaBertConfig
+from ms_nlp_compress.compress.dynabert.config import GRAPHS, DynaBertConfig
 from ms_nlp_compress.compress.dynabert.elastic import ElasticModel, names_kept
 from ms_nlp_compress.compress.dynabert.sizes import depth_layer_mapping
 from ms_nlp_compress.errors import ConfigError
@@ -38,13 +44,18 @@ class DynaBertLoss(nn.Cell):
         widths, depths: the sub-networks, visited depth-major in the order given (the reference: descending).
         logits_weight, hidden_weight: DynaBERT's lambda1, lambda2.
         regression: one-output head: MSE to the teacher's output instead of soft cross-entropy.
+        graph: "separate" (the engine compiles one gradient graph per sub-network and sums them: the attribute
+            `separate_members` holds the distillers) or "single" (one graph over `construct`'s sum).
     """
 
     def __init__(self, elastic: ElasticModel, teacher: Teacher, widths: Sequence[float], depths: Sequence[float],
-                 logits_weight: float = 1.0, hidden_weight: float = 0.1, regression: bool = False):
+                 logits_weight: float = 1.0, hidden_weight: float = 0.1, regression: bool = False,
+                 graph: str = "separate"):
         super().__init__(auto_prefix=False)
         if not widths or not depths:
             raise ConfigError("dynabert: no sub-network to train (empty width or depth list)")
+        if graph not in GRAPHS:
+            raise ConfigError(f"dynabert.graph: must be one of {GRAPHS}, got {graph!r}")
         hidden_size = elastic.config.hidden_size
         num_layers = elastic.config.num_layers
         distillers, names = [], []
@@ -64,6 +75,11 @@ class DynaBertLoss(nn.Cell):
             self.distillers = nn.CellList(distillers)
         self.component_names = tuple(names)
         self.elastic = elastic
+        self.graph = graph
+        if graph == "separate":
+            # A plain tuple set past Cell.__setattr__: the distillers are already children (self.distillers), and
+            # registering them again under a second name would rename the shared Parameters.
+            object.__setattr__(self, "separate_members", tuple(distillers))
 
     def trainable_cells(self):
         """What the trainer optimizes and checkpoints: the full student model (never a teacher)."""
@@ -81,11 +97,12 @@ class DynaBertLoss(nn.Cell):
 
 def build_loss(elastic: ElasticModel, config: DynaBertConfig, teacher: Teacher,
                regression: bool = False) -> DynaBertLoss:
-    """The stage's loss from the `dynabert:` section: widths and depths (stage `width`: depth 1.0 only), weights."""
+    """The stage's loss from the `dynabert:` section: widths and depths (stage `width`: depth 1.0 only), weights,
+    graph mode."""
     config.validate()
     logits_weight, hidden_weight = config.loss_weights()
     return DynaBertLoss(elastic, teacher, config.widths(), config.depths(), logits_weight, hidden_weight,
-                        regression)
+                        regression, config.graph)
 
 
 def stage2_teacher(teacher_elastic: ElasticModel, config: DynaBertConfig) -> Teacher:
