@@ -361,6 +361,25 @@ class Augmenter:
 # TSV files
 # ----------------------------------------------------------------------------------------------------------------
 
+class _TsvWriter:
+    """Rows joined by tabs with no quoting or escaping, the inverse of the readers (`csv.QUOTE_NONE`, no escape
+    character, like the reference). csv.writer with an escape character would write a quote as a backslash and a
+    quote, which the GLUE readers then read back literally: the original rows would no longer match the task's."""
+
+    def __init__(self, handle, path: Path):
+        self.handle = handle
+        self.path = path
+        self.rows = 0
+
+    def writerow(self, row: Sequence[str]) -> None:
+        for cell in row:
+            if "\t" in cell or "\n" in cell or "\r" in cell:
+                raise DataError(f"{self.path}: output row {self.rows + 1} has a tab or line break inside a cell "
+                                f"({cell[:60]!r}); the TSV has no quoting to carry it")
+        self.handle.write("\t".join(row) + "\n")
+        self.rows += 1
+
+
 def _read_rows(path: Path) -> Tuple[List[str], List[List[str]]]:
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
@@ -413,7 +432,7 @@ def augment_tsv(input_path, output_path, augmenter: Augmenter, columns: Optional
     output_path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
+        writer = _TsvWriter(handle, output_path)
         writer.writerow(header)
         for start in range(0, len(rows), chunk_rows):
             chunk = rows[start:start + chunk_rows]

@@ -197,3 +197,33 @@ def test_augment_tsv_pairs_keep_the_other_column_original(tmp_path, tokenizer):
     assert all(line[2] == "" for line in lines[1:] if line[0] == "1")  # the empty second text stays empty
     again = augment_tsv(source, tmp_path / "again.tsv", augmenter, chunk_rows=64)
     assert (tmp_path / "again.tsv").read_text() == (tmp_path / "train_aug.tsv").read_text() and again == counts
+
+
+def test_augment_tsv_round_trips_quotes_and_backslashes_through_the_task_reader(tmp_path, tokenizer):
+    """The GLUE readers split on tabs with no quoting or escaping: the augmented file must be read back with every
+    original row exactly as in the input (a writer escaping quotes as \\" broke this) and every label kept."""
+    from ms_nlp_compress.data.glue import get_task
+
+    vectors = WordVectors.from_embedding_table(embedding_table(tokenizer), tokenizer)
+    augmenter = Augmenter(tokenizer, AugmentConfig(samples=3, seed=2), vectors=vectors)
+    rows = [('my "home" movie was good', 1), ("a \\ slash and 'quotes' in the plot", 0), ('"unbalanced fun', 1)]
+    source = tmp_path / "train.tsv"
+    source.write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+    augment_tsv(source, tmp_path / "train_aug.tsv", augmenter)
+    original = [(e.text_a, e.label) for e in get_task("sst2").reader(source)]
+    augmented = [(e.text_a, e.label) for e in get_task("sst2").reader(tmp_path / "train_aug.tsv")]
+    assert original == rows
+    assert [pair for pair in augmented if pair in rows] == rows  # the originals, in order, byte for byte
+    assert len(augmented) > len(rows)  # and variants, each with its source row's label
+    assert not any('\\"' in text for text, _ in augmented)  # no escaped quote anywhere
+    assert sum('"' in text for text, _ in augmented) >= 2  # the quotes themselves survive into the variants
+
+
+def test_augment_tsv_refuses_a_cell_the_format_cannot_carry(tmp_path, tokenizer):
+    from ms_nlp_compress.data.augment import _TsvWriter
+
+    writer = _TsvWriter(open(tmp_path / "out.tsv", "w", encoding="utf-8"), tmp_path / "out.tsv")
+    writer.writerow(["sentence", "label"])
+    with pytest.raises(DataError, match=r"out.tsv: output row 2 has a tab or line break inside a cell"):
+        writer.writerow(["two\tcells", "1"])
+    writer.handle.close()
