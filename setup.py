@@ -20,6 +20,8 @@ setup(
         "tokenizers>=0.15",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        # Reports and studies write PNG plots (Agg backend: no display needed).
+        "matplotlib>=3.6",
         # AKG graph-kernel fusion on CPU imports `decorator`; without it fused compiles fail.
         "decorator>=5.0",
     ],
