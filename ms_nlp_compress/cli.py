@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ms_nlp_compress import demo
     from ms_nlp_compress.bench import latency
     from ms_nlp_compress.compress.distill import commands as distill_commands
+    from ms_nlp_compress.compress.quant import commands as quant_commands
     from ms_nlp_compress.compress.dynabert import commands as dynabert_commands
     from ms_nlp_compress.data import commands as data_commands
     from ms_nlp_compress.export import commands as export_commands
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_command.add_parser(sub)
     distill_commands.add_parser(sub)
     dynabert_commands.add_parser(sub)
+    quant_commands.add_parser(sub)
     return parser
 
 
