@@ -8,6 +8,14 @@ checkpoint or the new one, never a torn mixture.
     checkpoints/step-000120/optimizer.safetensors  moments, step counter, accumulation buffers
     checkpoints/step-000120/state.json             epoch, batch position, update count, loss scale, best metric
     checkpoints/LATEST                             the name of the newest complete checkpoint
+    checkpoints/step-000120.rank1.safetensors      per-rank state (e.g. rank 1's error-feedback residual), one
+                                                   file per rank, written by that rank next to rank 0's directory
+
+Per-rank state: some state differs between data-parallel ranks (each rank's error-feedback residual), so rank 0's
+files cannot hold it. Every rank writes its own `<name>.rank<r>.safetensors` atomically (metadata: rank, world
+size, checkpoint name), the trainer joins a barrier, and only then does rank 0 write the directory and `LATEST`:
+a checkpoint named by `LATEST` therefore has every rank's file. `load_rank_state` refuses, naming the file, when
+one is missing or was written by a run with another world size.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from ms_nlp_compress.errors import CheckpointError
 from ms_nlp_compress.models.checkpoint import read_safetensors, write_safetensors
 
 LATEST = "LATEST"
+RANK_STATE_SUFFIX = ".safetensors"
 
 
 def named_state(cells: Sequence[nn.Cell], exclude: Sequence[str] = ()) -> Dict[str, np.ndarray]:
@@ -100,6 +109,13 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for partial in list(root.glob(".partial-*")) + list(root.glob(".retired-*")):
         shutil.rmtree(partial, ignore_errors=True)
+    # Per-rank files of checkpoints that are gone. Only names ordered before LATEST: another rank may already be
+    # writing its file for the next checkpoint (names are zero-padded update counts, so they sort by update).
+    kept = {p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")}
+    for rank_file in root.glob(f"step-*{RANK_STATE_SUFFIX}"):
+        name = rank_file.name.split(".rank", 1)[0]
+        if name not in kept and name < latest:
+            rank_file.unlink(missing_ok=True)
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
@@ -126,3 +142,53 @@ def load_checkpoint(path: Path, model: nn.Cell, optimizer_cells: Sequence[nn.Cel
         return json.loads((path / "state.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path / 'state.json'}: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-rank state
+# ----------------------------------------------------------------------------------------------------------------
+def rank_state_path(root: Path, name: str, rank: int) -> Path:
+    """Where rank `rank` keeps its own state of checkpoint `name` (a sibling of the checkpoint directory)."""
+    return Path(root) / f"{name}.rank{rank}{RANK_STATE_SUFFIX}"
+
+
+def save_rank_state(root: Path, name: str, rank: int, world_size: int, cells: Sequence[nn.Cell]) -> Path:
+    """This rank's Parameters of `cells` (atomic write). The checkpoint is not complete until rank 0 publishes it
+    in LATEST, which the trainer does only after every rank has returned from here (a barrier)."""
+    path = rank_state_path(root, name, rank)
+    write_safetensors(named_state(cells), path,
+                      metadata={"rank": str(rank), "world_size": str(world_size), "checkpoint": name})
+    return path
+
+
+def load_rank_state(checkpoint: Path, rank: int, world_size: int, cells: Sequence[nn.Cell]) -> Path:
+    """Restore this rank's Parameters of `cells` from the file it wrote next to `checkpoint`.
+
+    Every rank checks every rank's file, so all ranks reach the same verdict (no rank is left waiting in a
+    collective for a peer that refused). Errors name the file: missing, written by another world size or rank,
+    or not matching the cells (via restore_state).
+    """
+    checkpoint = Path(checkpoint)
+    root, name = checkpoint.parent, checkpoint.name
+    own = rank_state_path(root, name, rank)
+    if not own.is_file():
+        raise CheckpointError(f"{own}: rank {rank}'s state for checkpoint {checkpoint} is missing (each rank keeps "
+                              "its own, e.g. its error-feedback residual); was the checkpoint written without it "
+                              "(another comm.error_feedback)? Restart with --no-resume or restore the file")
+    from safetensors import safe_open
+
+    with safe_open(str(own), framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+    saved_world = metadata.get("world_size")
+    if saved_world != str(world_size) or metadata.get("rank") != str(rank) or metadata.get("checkpoint") != name:
+        raise CheckpointError(f"{own}: written by rank {metadata.get('rank')} of {saved_world} for checkpoint "
+                              f"{metadata.get('checkpoint')}, but this is rank {rank} of {world_size} resuming "
+                              f"{name}: per-rank state (error-feedback residuals) cannot be redistributed over "
+                              f"another world size; resume with {saved_world} ranks or restart with --no-resume")
+    for other in range(world_size):
+        path = rank_state_path(root, name, other)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: rank {other}'s state for checkpoint {checkpoint} is missing, so the "
+                                  "checkpoint is incomplete; restore the file or restart with --no-resume")
+    restore_state(cells, read_safetensors(own), str(own))
+    return own

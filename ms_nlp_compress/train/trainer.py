@@ -23,7 +23,8 @@ from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.config import ExperimentConfig, TrainConfig
 from ms_nlp_compress.errors import CheckpointError
 from ms_nlp_compress.train.batches import BatchSource
-from ms_nlp_compress.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ms_nlp_compress.train.checkpoints import (latest_checkpoint, load_checkpoint, load_rank_state, rank_state_path,
+                                              save_checkpoint, save_rank_state)
 from ms_nlp_compress.train.optim import build_optimizer
 from ms_nlp_compress.train.schedules import WarmupSchedule
 from ms_nlp_compress.train.step import LossScaler, TrainStep, make_reducer, resolve_loss_scale_mode
@@ -159,6 +160,7 @@ class Trainer:
         if batches.dynamic_padding:
             self.step.set_dynamic_inputs([_dynamic_spec(dtype, shape) for dtype, shape in batches.column_layout()])
         self.checkpoint_dir = self.output_dir / "checkpoints"
+        self._barrier = None  # built on the first save that needs it (one small all-reduce)
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.state = {"epoch": 0, "next_batch": 0, "updates": 0, "best_metric": None, "best_step": None,
                       "last_eval": {}, "evaluated_update": None}
@@ -172,14 +174,22 @@ class Trainer:
         return nn.CellList(self.checkpoint_cells, auto_prefix=False)
 
     def _optimizer_cells(self):
-        """Everything besides the model that a resume needs: optimizer moments and counters, accumulation buffers,
-        and the reducer's own state (e.g. error-feedback residuals)."""
+        """Everything besides the model that a resume needs and that is equal on every rank: optimizer moments and
+        counters, accumulation buffers, and the reducer's own state unless it differs per rank (see
+        `_per_rank_cells`)."""
         cells = [self.optimizer]
         if self.step.accumulator is not None:
             cells.append(self.step.accumulator)
-        if isinstance(self.reducer, nn.Cell) and list(self.reducer.get_parameters()):
+        if isinstance(self.reducer, nn.Cell) and list(self.reducer.get_parameters()) and not self._per_rank_cells():
             cells.append(self.reducer)
         return cells
+
+    def _per_rank_cells(self) -> List[nn.Cell]:
+        """State that differs between ranks (a reducer declaring `per_rank_state`, e.g. error-feedback residuals):
+        each rank checkpoints it in its own file next to rank 0's checkpoint (train/checkpoints.py)."""
+        if isinstance(self.reducer, nn.Cell) and getattr(self.reducer, "per_rank_state", False):
+            return [self.reducer]
+        return []
 
     def _write_metrics(self, record: Dict) -> None:
         if self.rank != 0:
@@ -189,23 +199,44 @@ class Trainer:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
     def _save(self) -> None:
+        """Every rank calls this at the same update (the control flow is the same on all ranks)."""
+        name = f"step-{self.state['updates']:07d}"
+        per_rank = self._per_rank_cells()
+        if per_rank:
+            # Each rank writes its own file, then all meet: rank 0 publishes (LATEST) only a checkpoint whose every
+            # rank file is on disk, and a rank that failed to write fails every rank, none is left in a collective.
+            failure = None
+            try:
+                save_rank_state(self.checkpoint_dir, name, self.rank, self.world_size, per_rank)
+            except (OSError, ValueError) as err:
+                failure = err
+            if self._barrier is None:
+                from ms_nlp_compress.parallel.barrier import RankBarrier
+
+                self._barrier = RankBarrier(self.world_size)
+            written = self._barrier.agree(failure is None)
+            if failure is not None:
+                raise CheckpointError(f"{rank_state_path(self.checkpoint_dir, name, self.rank)}: could not write "
+                                      f"rank {self.rank}'s state: {failure}") from failure
+            if written != self.world_size:
+                raise CheckpointError(f"{self.checkpoint_dir / name}: {self.world_size - written} of "
+                                      f"{self.world_size} ranks could not write their state file; the checkpoint "
+                                      "was not published (see the failing rank's log)")
         if self.rank != 0:
             return
         state = dict(self.state, scaler=self.scaler.state_dict(), step=self.step.state_dict(),
-                     seed=self.config.runtime.seed, world_size=self.world_size, updates_total=self.updates_total)
-        save_checkpoint(self.checkpoint_dir, f"step-{self.state['updates']:07d}", self._checkpoint_model(),
-                        self._optimizer_cells(), state, self.train.keep_checkpoints)
+                     seed=self.config.runtime.seed, world_size=self.world_size, updates_total=self.updates_total,
+                     per_rank_state=bool(per_rank))
+        save_checkpoint(self.checkpoint_dir, name, self._checkpoint_model(), self._optimizer_cells(), state,
+                        self.train.keep_checkpoints)
 
     def resume(self) -> Optional[str]:
         path = latest_checkpoint(self.checkpoint_dir)
         if path is None:
             return None
-        if self.world_size > 1 and getattr(self.reducer, "per_rank_state", False):
-            # Checkpoints are written by rank 0 alone; each rank's error-feedback residual is its own, so loading
-            # rank 0's into every rank would silently change the run. Refuse until per-rank state is saved.
-            raise CheckpointError(f"{path}: cannot resume comm.error_feedback with {self.world_size} ranks yet (each "
-                                  "rank's residual is not checkpointed separately); restart the run with "
-                                  "--no-resume, or train without comm.error_feedback")
+        per_rank = self._per_rank_cells()
+        if per_rank:  # checked first: every rank refuses a checkpoint that lacks any rank's file, before loading
+            load_rank_state(path, self.rank, self.world_size, per_rank)
         state = load_checkpoint(path, self._checkpoint_model(), self._optimizer_cells())
         self.scaler.load_state_dict(state.pop("scaler"))
         self.step.load_state_dict(state.pop("step", {}))
