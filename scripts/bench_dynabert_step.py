@@ -8,7 +8,8 @@ one batch against the teacher, the summed gradient clipped to norm 1.0, one Adam
 - `forward compile`: first eval call of each sub-network Cell (one graph per sub-network), then its steady time;
 - `teacher forward`: the teacher alone (one forward; the loss graph calls it once per sub-network unless the
   compiler merges the identical calls, which `step - sum(sub-network train cost)` tells);
-- `train step`: first call (compile of the one graph holding every sub-network, plus one step) and the median
+- `train step`: first call (compile of the one graph holding every sub-network, plus one step; with
+  `--graph separate` the engine's TrainStep compiles one gradient graph per sub-network instead) and the median
   of `--steps` further calls;
 - with `--separate`, the alternative design for comparison: one gradient graph per sub-network (compiled one by
   one), called in turn with the gradients summed on the device by a jitted HyperMap add (the clip and the optimizer
@@ -102,6 +103,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="CPU", help="MindSpore device_target (CPU, Ascend, GPU)")
     parser.add_argument("--separate", action="store_true", help="also time one gradient graph per sub-network")
+    parser.add_argument("--graph", default="single", choices=("single", "separate"),
+                        help="dynabert.graph of the timed TrainStep: one graph over every sub-network (single, this "
+                             "script's original measurement) or the engine's one gradient graph per sub-network")
     args = parser.parse_args()
     ms.set_context(mode=ms.GRAPH_MODE, device_target=args.device)
     if args.device == "CPU":
@@ -135,7 +139,8 @@ def main() -> None:
                   f"steady {statistics.median(times) * 1e3:.1f} ms")
     print(f"sub-network forward graphs: {total_compile:.1f} s compile+first run in total")
 
-    loss = DynaBertLoss(elastic, teacher, sorted(widths, reverse=True), sorted(depths, reverse=True))
+    loss = DynaBertLoss(elastic, teacher, sorted(widths, reverse=True), sorted(depths, reverse=True),
+                        graph=args.graph)
     labels = Tensor(np.zeros(args.batch, np.int32))
     if args.separate:
         loss.set_train(True)

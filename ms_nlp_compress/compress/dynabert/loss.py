@@ -76,10 +76,13 @@ class DynaBertLoss(nn.Cell):
         self.component_names = tuple(names)
         self.elastic = elastic
         self.graph = graph
-        if graph == "separate":
-            # A plain tuple set past Cell.__setattr__: the distillers are already children (self.distillers), and
-            # registering them again under a second name would rename the shared Parameters.
-            object.__setattr__(self, "separate_members", tuple(distillers))
+
+    @property
+    def separate_members(self):
+        """The distillers in `separate` mode (TrainStep: one gradient graph per member, gradients summed), else ()
+        (one graph over `construct`). A property over the child cells, so a mixed-precision copy of this cell
+        yields its own copies."""
+        return tuple(self.distillers) if self.graph == "separate" else ()
 
     def trainable_cells(self):
         """What the trainer optimizes and checkpoints: the full student model (never a teacher)."""

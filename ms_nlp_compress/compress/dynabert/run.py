@@ -427,6 +427,14 @@ def run_grid(config: ExperimentConfig, model: Optional[str] = None, log=print) -
     for entry in entries:
         entry["flops_ratio"] = round(entry["encoder_flops_seq128"] / full_flops, 4)
     report = {"model_dir": str(path), "task": task.name, "dev_rows": dev_rows, "entries": entries}
+    rewired_dir = _resolve(config.output_dir) / REWIRED_DIR
+    if model is None and (rewired_dir / "config.json").is_file():  # the fine-tuned teacher's function, same slice
+        teacher = _load_classifier(rewired_dir, task, str(rewired_dir))[0]
+        test = evaluate_test_split(config, teacher, tokenizer, task)
+        report["teacher"] = {"model_dir": str(rewired_dir),
+                             "dev": evaluate_classifier(teacher, dev_columns, task, config.data.eval_batch_size),
+                             "test": test[0] if test is not None else None}
+        log(f"grid: teacher (fine-tuned, rewired): dev acc {report['teacher']['dev']['acc']:.4f}")
     write_text_atomic(output_dir / GRID_FILE, json.dumps(report, indent=2))
     plot_grid(entries, output_dir / "grid.png", "encoder_flops_seq128",
               f"DynaBERT on {task.name}: accuracy vs encoder FLOPs")
