@@ -1,0 +1,188 @@
+"""Convergence of low-bit gradient exchange: the same fine-tuning run on real data, fp32 vs b-bit gradients.
+
+Each variant is one msrun launch of 2 ranks running scripts/lowbit_convergence_worker.py: `msnc finetune`'s path
+(ascend_configs/vader_sst2_cpu.yaml: the pretrained MiniLM teacher on VADER binary sentiment) training the top
+`--train-top-layers` encoder layers, the pooler and the classifier, the variants differing ONLY in the `comm:`
+section: same seed, data subset and order, initial weights. Each launch writes its metrics.jsonl (one train record
+per update: the loss curve) and results.json (dev accuracy of the final weights, test accuracy of the best-dev
+model); this script collects them into OUT/summary.json, OUT/summary.md and OUT/loss_curves.png.
+
+    python scripts/lowbit_convergence.py OUT [--train-limit 1920] [--eval-limit 500] [--batch-size 16]
+        [--max-length 48] [--train-top-layers 2] [--learning-rate 2e-4]
+        [--variants fp32,b2,b2_ef,b2_noclip,b8,b4,b3] [--root CHECKOUT] [--plot-only]
+
+A variant whose results.json exists is not run again (rerun after an interruption to finish the rest). `--root`
+launches another checkout (e.g. a `git archive` snapshot, so edits made while the study runs cannot reach it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> (label, comm overrides). clip 3 std is the default clip; warm-up 0 so every update is low-bit.
+VARIANTS = {
+    "fp32": ("fp32 all-reduce", {"comm.scheme": "fp32"}),
+    "b8": ("8-bit, clip 3", {"comm.scheme": "allgather", "comm.gradient_bits": 8}),
+    "b4": ("4-bit, clip 3", {"comm.scheme": "allgather", "comm.gradient_bits": 4}),
+    "b3": ("3-bit, clip 3", {"comm.scheme": "allgather", "comm.gradient_bits": 3}),
+    "b2": ("2-bit, clip 3", {"comm.scheme": "allgather", "comm.gradient_bits": 2}),
+    "b2_ef": ("2-bit, clip 3, error feedback", {"comm.scheme": "allgather", "comm.gradient_bits": 2,
+                                                "comm.error_feedback": "true"}),
+    "b2_noclip": ("2-bit, no clip", {"comm.scheme": "allgather", "comm.gradient_bits": 2,
+                                     "comm.clip_factor": "null"}),
+    "b2_clip2": ("2-bit, clip 2", {"comm.scheme": "allgather", "comm.gradient_bits": 2, "comm.clip_factor": 2.0}),
+}
+
+
+def run_variant(root: Path, out: Path, name: str, args, port: int) -> dict:
+    target = out / name
+    results = target / "results.json"
+    if results.is_file():
+        print(f"[{name}] already done: {results}", flush=True)
+        return json.loads((target / "wall.json").read_text()) if (target / "wall.json").is_file() else {}
+    overrides = {"output_dir": str(target), "data.train_limit": args.train_limit, "data.eval_limit": args.eval_limit,
+                 "data.batch_size": args.batch_size, "data.max_length": args.max_length,
+                 "runtime.cpu_threads": 1, "train.log_every": 1, "train.eval_every": 0, "train.save_every": 0,
+                 "train.learning_rate": args.learning_rate, "comm.warmup_steps": 0, "parallel.world_size": 2,
+                 **VARIANTS[name][1]}
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "msrun"), "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", f"--log_dir={target / 'msrun_logs'}", "--join=True",
+               "--cluster_time_out=600", str(root / "scripts" / "lowbit_convergence_worker.py"),
+               "--train-top-layers", str(args.train_top_layers), "--config",
+               str(root / "ascend_configs" / "vader_sst2_cpu.yaml")]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    env = dict(os.environ, PATH=str(bin_dir) + os.pathsep + os.environ.get("PATH", ""))  # msrun starts `python`
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    target.mkdir(parents=True, exist_ok=True)
+    print(f"[{name}] {' '.join(command)}", flush=True)
+    started = time.time()
+    with open(target / "launch.log", "w", encoding="utf-8") as log:
+        status = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(root)).returncode
+    wall = {"wall_seconds": round(time.time() - started, 1), "returncode": status}
+    (target / "wall.json").write_text(json.dumps(wall))
+    if status != 0:
+        print(f"[{name}] FAILED with status {status}: see {target / 'launch.log'}", flush=True)
+    else:
+        print(f"[{name}] done in {wall['wall_seconds']} s", flush=True)
+    return wall
+
+
+def collect(out: Path, names) -> list:
+    rows = []
+    for name in names:
+        target = out / name
+        if not (target / "results.json").is_file():
+            continue
+        results = json.loads((target / "results.json").read_text())
+        records = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        train = [r for r in records if r["type"] == "train"]
+        wall = json.loads((target / "wall.json").read_text()) if (target / "wall.json").is_file() else {}
+        rows.append({
+            "name": name, "label": VARIANTS[name][0],
+            "updates": [r["update"] for r in train], "loss": [r["loss"] for r in train],
+            "final_dev_accuracy": results["dev"].get("acc"),
+            "best_dev_accuracy": results.get("best_dev", {}).get("acc"),
+            "test_accuracy": results.get("test", {}).get("acc"),
+            "train_seconds": results.get("train_seconds"), "wall_seconds": wall.get("wall_seconds"),
+            "bytes_per_step": train[-1].get("comm_bytes_per_lowbit_step") if train else None,
+            "skipped_updates": results.get("skipped_updates"),
+        })
+    return rows
+
+
+def mean_tail(values, count):
+    tail = values[-count:]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def report(out: Path, rows: list, args) -> None:
+    (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    tail = max(1, len(rows[0]["loss"]) // 4) if rows else 1
+    lines = ["| gradients | updates | first-quarter loss | last-quarter loss | final dev acc | test acc (best dev) "
+             "| bytes/rank/step | train s |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        head = sum(row["loss"][:tail]) / max(1, len(row["loss"][:tail]))
+        bytes_text = f"{row['bytes_per_step']:,}" if row["bytes_per_step"] else "fp32 all-reduce"
+        lines.append(f"| {row['label']} | {len(row['loss'])} | {head:.4f} | {mean_tail(row['loss'], tail):.4f} | "
+                     f"{row['final_dev_accuracy']:.4f} | {row['test_accuracy']:.4f} | {bytes_text} | "
+                     f"{row['train_seconds']:.0f} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    window = 5  # moving average over updates: one update's loss on 32 sentences is noisy
+    for row in rows:
+        loss = np.asarray(row["loss"], dtype=np.float64)
+        if loss.size >= window:
+            smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+            axes[0].plot(row["updates"][window - 1:], smooth, label=row["label"])
+        else:
+            axes[0].plot(row["updates"], loss, label=row["label"])
+    axes[0].set_xlabel("update")
+    axes[0].set_ylabel(f"training loss (moving average of {window})")
+    axes[0].set_title(f"MiniLM (top {args.train_top_layers} layers trained) on VADER SST-2, 2 ranks")
+    axes[0].legend(fontsize=8)
+    positions = np.arange(len(rows))
+    axes[1].bar(positions - 0.2, [r["final_dev_accuracy"] for r in rows], 0.4, label="final dev")
+    axes[1].bar(positions + 0.2, [r["test_accuracy"] for r in rows], 0.4, label="test (best dev)")
+    axes[1].set_xticks(positions, [r["label"].replace(", ", "\n") for r in rows], fontsize=7)
+    low = min([r["final_dev_accuracy"] for r in rows] + [r["test_accuracy"] for r in rows])
+    axes[1].set_ylim(max(0.0, low - 0.05), 1.0)
+    axes[1].set_ylabel("accuracy")
+    axes[1].legend(fontsize=8)
+    figure.suptitle(f"train_limit {args.train_limit}, batch {args.batch_size} x 2 ranks, max_length "
+                    f"{args.max_length}, 1 epoch", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out / "loss_curves.png", dpi=110)
+    print(f"wrote {out / 'loss_curves.png'}, {out / 'summary.md'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--train-limit", type=int, default=1920)
+    parser.add_argument("--eval-limit", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--variants", default="fp32,b2,b2_ef,b2_noclip,b8,b4,b3")
+    parser.add_argument("--train-top-layers", type=int, default=2, help="6 = the whole encoder")
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--root", type=Path, default=REPO)
+    parser.add_argument("--port", type=int, default=8611)
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    if not args.plot_only:
+        for index, name in enumerate(names):
+            if run_variant(args.root.resolve(), args.out.resolve(), name, args, args.port + index).get("returncode"):
+                failed.append(name)
+    rows = collect(args.out, names)
+    if rows:
+        report(args.out, rows, args)
+    if failed:
+        print(f"failed variants: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
