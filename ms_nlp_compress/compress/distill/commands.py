@@ -5,7 +5,8 @@ data augmentation of a task's TSV or of a one-sentence-per-line file).
     msnc distill task --config X.yaml [--set k=v ...] [--no-resume]        fine-tuned teacher -> student, 2 stages
     bash scripts/run_distributed.sh N distill general --config X.yaml      data parallel over N ranks (msrun)
 
-    msnc augment --model DIR --input train.tsv --output train_aug.tsv [--vectors model|none|glove.txt] [--no-mlm]
+    msnc augment --model DIR --input train.tsv|--train-of X.yaml --output train_aug.tsv [--vectors model|none|glove.txt]
+                 [--no-mlm]
                  [--candidates 15] [--replace-prob 0.4] [--samples 20] [--seed 42] [--batch-size 64]
                  [--columns sentence1,sentence2] [--lines] [--device cpu] [--mode graph] [--threads N]
 
@@ -95,6 +96,27 @@ def augment_lines(input_path: Path, output_path: Path, augmenter, chunk: int = 2
     return {"rows": len(lines), "written": written}
 
 
+def write_train_split(config_path: str, overrides, output_path: Path) -> Path:
+    """The training split a config trains on (`data.data_dir`'s train.tsv, subsampled per `data.train_limit` exactly
+    as `msnc distill task` / `msnc finetune` read it), written as a headed TSV next to the augmented file: the
+    originals of `<output>` are then the rows the un-augmented runs trained on."""
+    from ms_nlp_compress.config import load_config
+    from ms_nlp_compress.train.finetune import read_split
+
+    config = load_config(config_path, overrides)
+    task, examples = read_split(config, "train")
+    if task.name != "sst2":  # other tasks have their own column layouts; only SST-2's is written here
+        raise ConfigError(f"--train-of: data.task is {task.name}; only sst2-format splits are written (augment "
+                          "another task's train.tsv with --input)")
+    source = output_path.with_name(output_path.stem + ".source.tsv")
+    source.parent.mkdir(parents=True, exist_ok=True)
+    with open(source, "w", encoding="utf-8", newline="") as handle:
+        handle.write("sentence\tlabel\n")
+        for example in examples:
+            handle.write(f"{example.text_a}\t{task.labels[example.label]}\n")
+    return source
+
+
 def run_augment(args: argparse.Namespace) -> int:
     from ms_nlp_compress.config import RuntimeConfig
     from ms_nlp_compress.data.augment import augment_tsv
@@ -111,6 +133,13 @@ def run_augment(args: argparse.Namespace) -> int:
     if model_dir is None or not model_dir.is_dir():
         raise ConfigError(f"--model: {args.model} is not a model directory")
     augmenter = build_augmenter(model_dir, config, args.vectors, not args.no_mlm)
+    if (args.input is None) == (args.train_of is None):
+        raise ConfigError("msnc augment: give exactly one of --input and --train-of")
+    if args.train_of is not None:
+        if args.lines:
+            raise ConfigError("--train-of: writes a TSV; --lines does not apply")
+        args.input = str(write_train_split(args.train_of, args.set, _resolve(args.output)))
+        print(f"augment: the training split of {args.train_of} -> {args.input}")
     started = time.perf_counter()
     if args.lines:
         counts = augment_lines(_resolve(args.input), _resolve(args.output), augmenter)
@@ -165,7 +194,12 @@ def add_parser(subparsers) -> None:
                     "directory) or by their nearest word vectors, N samples per text, originals kept, duplicates "
                     "removed, seeded. TSV: each text column is augmented with the other columns original.")
     parser.add_argument("--model", required=True, help="model directory or HF folder: tokenizer, MLM head, vectors")
-    parser.add_argument("--input", required=True, help="a headed TSV (train.tsv) or, with --lines, a text file")
+    parser.add_argument("--input", default=None, help="a headed TSV (train.tsv) or, with --lines, a text file")
+    parser.add_argument("--train-of", default=None, metavar="CONFIG",
+                        help="instead of --input: the training split CONFIG trains on (data.train_limit applied), "
+                             "written to <output stem>.source.tsv first")
+    parser.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --train-of: config overrides")
     parser.add_argument("--output", required=True, help="where to write (train_aug.tsv)")
     parser.add_argument("--vectors", default="model",
                         help="model: DIR's word-embedding table (default); none; or a GloVe-format text file")

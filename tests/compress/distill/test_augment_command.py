@@ -42,3 +42,40 @@ def test_augment_command_lines_and_tsv(tmp_path, capsys):
     assert {row[1] for row in rows[1:second]} == {"1"} and {row[1] for row in rows[second:]} == {"0"}
     assert len(rows) > 3
     assert main(common + ["--input", str(tmp_path / "missing.tsv"), "--output", str(tmp_path / "x.tsv")]) == 2
+
+
+def test_augment_train_of_a_config_takes_the_split_the_runs_train_on(tmp_path, capsys):
+    """`--train-of X.yaml`: the originals of the augmented file are exactly the examples `read_split` gives the
+    distillation (data.train_limit subsample, order kept), each followed by its variants with the same label."""
+    from ms_nlp_compress.config import load_config
+    from ms_nlp_compress.data.glue import get_task
+    from ms_nlp_compress.train.finetune import read_split
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    ms.set_seed(0)
+    config = NezhaConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24,
+                         max_relative_position=8)
+    save_model_dir(NezhaForMaskedLM(config), model_dir, config)
+    data = tmp_path / "sst2"
+    data.mkdir()
+    texts = ["good film", "dull story", 'the "fun" plot', "bad movie", "great story", "the dull film"]
+    (data / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(f"data: {{task: sst2, data_dir: {data}, train_limit: 4}}\nruntime: {{seed: 3}}\n")
+    output = tmp_path / "aug" / "train_aug.tsv"
+    common = ["augment", "--model", str(model_dir), "--samples", "3", "--candidates", "3", "--mode", "pynative",
+              "--no-mlm"]
+    assert main(common + ["--train-of", str(preset), "--output", str(output)]) == 0
+    expected = [(e.text_a, e.label) for e in read_split(load_config(preset), "train")[1]]
+    assert len(expected) == 4
+    source = [(e.text_a, e.label) for e in get_task("sst2").reader(tmp_path / "aug" / "train_aug.source.tsv")]
+    assert source == expected
+    rows = [(e.text_a, e.label) for e in get_task("sst2").reader(output)]
+    starts = [rows.index(pair) for pair in expected]
+    assert starts == sorted(starts) and starts[0] == 0
+    for begin, end, (_, label) in zip(starts, starts[1:] + [len(rows)], expected):
+        assert {row_label for _, row_label in rows[begin:end]} == {label}
+    assert main(common + ["--output", str(output)]) == 2  # neither --input nor --train-of
+    assert "exactly one of --input and --train-of" in capsys.readouterr().err
