@@ -1,6 +1,6 @@
 """kill -9 mid-run with error feedback, resume from the Trainer's checkpoint: identical weights, residual, rounding
-noise position and warm-up counter to an uninterrupted run (one process; see parallel/README.md for the per-rank
-state hook a multi-rank resume needs)."""
+noise position and warm-up counter to an uninterrupted run (one process: the reducer state goes to the per-rank
+file step-*.rank0.safetensors; the 2-rank resume is test_lowbit_rank_resume.py)."""
 import os
 import signal
 import subprocess
