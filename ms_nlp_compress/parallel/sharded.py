@@ -7,7 +7,8 @@ keeps the fp32 MASTER copy of that shard. Each update:
     to owner: chunk j of every rank's codes goes to rank j          all-to-all on Ascend (HCCL); on CPU emulated by
                                                                     AllGather + local selection: same maths,
                                                                     not byte-saving (CPU has no AlltoAll kernel)
-    owner   : mean of its chunk over ranks -> master -= lr * mean   (plain SGD: the optimizer lives on the owner)
+    owner   : mean of its chunk over ranks -> update of its master shard by the owner's optimizer: SGD
+              (master -= lr * mean) or Adam (moments of its shard only, bias-corrected, decoupled weight decay)
               quantize the updated shard per bucket: TWN (weight_bits 2), symmetric m-bit (3..8) or fp32 (null)
     all     : AllGather(int32 weight codes) + AllGather(float32 per-bucket units) -> every rank writes the
               dequantized weights into its model Parameters (forward and backward run at the low-bit weights)
@@ -56,11 +57,18 @@ class ShardedLowBitUpdate(nn.Cell):
         parameters: the model Parameters (their current values initialise every rank's master shard).
         comm: `comm:` with scheme sharded, bucket_size > 0 (shards are whole buckets) and weight_bits (or null).
         world_size, rank: data-parallel position (the owned shard is baked into the graph).
-        learning_rate: SGD step of the owner's update.
+        learning_rate: step size of the owner's update.
+        optimizer: "sgd" or "adam" (the owner keeps Adam's two moments for its shard only: 2 * S floats per rank
+            instead of 2 * d); beta1, beta2, eps, weight_decay: Adam's settings (AdamW-style decoupled decay).
+    State: the master shard and, for Adam, its moments and step differ per rank (`per_rank_state`): checkpoints
+    keep them in each rank's own file (train/checkpoints.py `save_rank_state`).
     """
 
+    per_rank_state = True
+
     def __init__(self, parameters: Sequence[Parameter], comm: CommConfig, world_size: int, rank: int,
-                 learning_rate: float):
+                 learning_rate: float, optimizer: str = "sgd", beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-6, weight_decay: float = 0.0):
         super().__init__()
         comm.validate("comm")
         if comm.scheme != "sharded":
@@ -74,6 +82,8 @@ class ShardedLowBitUpdate(nn.Cell):
             raise ConfigError("comm.warmup_steps: not implemented for scheme sharded yet")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
+        if optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"sharded owner optimizer must be sgd or adam, got {optimizer!r}")
         self.parameters = list(parameters)
         self.exchange = LowBitAllGatherReducer(self.parameters, comm, world_size, shards=world_size)
         layout = self.exchange.layout
@@ -89,6 +99,15 @@ class ShardedLowBitUpdate(nn.Cell):
         initial = np.concatenate([initial, np.zeros(layout.padded - initial.size, np.float32)])
         self.master = Parameter(Tensor(initial[self.start:self.start + self.shard]), name="master_shard",
                                 requires_grad=False)
+        self.adam = optimizer == "adam"
+        if self.adam:
+            self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+            self.weight_decay = float(weight_decay)
+            self.moment1 = Parameter(Tensor(np.zeros(self.shard, np.float32)), name="moment1_shard",
+                                     requires_grad=False)
+            self.moment2 = Parameter(Tensor(np.zeros(self.shard, np.float32)), name="moment2_shard",
+                                     requires_grad=False)
+            self.adam_step = Parameter(Tensor(0.0, ms.float32), name="adam_step_shard", requires_grad=False)
         if self.weight_bits is not None:
             self.weight_top = float(top_level(self.weight_bits))
             self.weight_padding = (-self.shard) % codes_per_word(self.weight_bits)
@@ -129,9 +148,25 @@ class ShardedLowBitUpdate(nn.Cell):
         values = (all_codes.astype(ms.float32) - self.weight_top).reshape(-1, self.bucket_size)  # (buckets, B)
         return (values * units.reshape(-1, 1)).reshape(-1)
 
+    def adam_update(self, gradient):
+        """The owner's AdamW step on its shard: the moments never leave this rank."""
+        step = self.adam_step + 1.0
+        ops.assign(self.adam_step, step)
+        moment1 = self.beta1 * self.moment1 + (1.0 - self.beta1) * gradient
+        moment2 = self.beta2 * self.moment2 + (1.0 - self.beta2) * gradient * gradient
+        ops.assign(self.moment1, moment1)
+        ops.assign(self.moment2, moment2)
+        corrected1 = moment1 / (1.0 - ops.pow(Tensor(self.beta1, ms.float32), step))
+        corrected2 = moment2 / (1.0 - ops.pow(Tensor(self.beta2, ms.float32), step))
+        update = corrected1 / (ops.sqrt(corrected2) + self.eps) + self.weight_decay * self.master
+        return self.master - self.learning_rate * update
+
     def construct(self, grads):
         gradient = self.shard_gradient(grads)
-        master = self.master - self.learning_rate * gradient
+        if self.adam:
+            master = self.adam_update(gradient)
+        else:
+            master = self.master - self.learning_rate * gradient
         ops.assign(self.master, master)
         weights = self.exchange.split(self.gathered_weights(master))
         for index in range(len(weights)):
