@@ -252,3 +252,35 @@ def test_stage_one_alone_reads_the_augmented_set(tiny):
     assert report["stages"]["intermediate"]["updates"] == 20  # 160 augmented rows / batch 8, one epoch
     assert report["student_dir"] == str(tiny / "augmented" / "stage1_intermediate" / "student")
     assert not (tiny / "augmented" / "stage2_prediction").exists()
+
+
+def test_distilled_student_predicts_and_exports_like_the_saved_model(tiny, tmp_path, capsys):
+    """The best student of `msnc distill task` through `msnc predict` and `msnc export`: predict's labels and
+    probabilities are the softmax of the model's logits, and the exported MindIR, reloaded here with ms.load +
+    GraphCell, gives the logits of the model directory."""
+    config = load_config(distill_tiny.task_config(tiny, "deploy"),
+                         ["distill.intermediate_train.epochs=1", "distill.prediction_train.epochs=1"])
+    run_task(config, **QUIET)
+    best = tiny / "deploy" / "best"
+    model, _ = load_model_dir(best)
+    dev = dev_columns(tiny)
+    logits = predict_logits(model, dev, 7)  # (30, 2)
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+
+    texts = [line.split("\t")[0] for line in (tiny / "sst2" / "dev.tsv").read_text().splitlines()[1:]]
+    (tmp_path / "dev.txt").write_text("\n".join(texts) + "\n")
+    assert msnc(["predict", "--model", str(best), "--input", str(tmp_path / "dev.txt"), "--batch-size", "4"]) == 0
+    printed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert len(printed) == len(texts) == len(logits)
+    labels = get_task("sst2").labels
+    assert [label for label, _ in printed] == [labels[i] for i in logits.argmax(-1)]
+    np.testing.assert_allclose([float(p) for _, p in printed], probabilities.max(-1), atol=2e-6)
+
+    stem = tmp_path / "export" / "student"
+    assert msnc(["export", "--model", str(best), "--output", str(stem)]) == 0
+    assert "(classifier;" in capsys.readouterr().out
+    graph = ms.nn.GraphCell(ms.load(str(stem) + ".mindir"))
+    exported = graph(*(Tensor(dev[name]) for name in ("input_ids", "attention_mask", "token_type_ids")))
+    exported = exported[0] if isinstance(exported, (tuple, list)) else exported
+    np.testing.assert_allclose(exported.asnumpy(), logits, rtol=1e-5, atol=1e-5)
