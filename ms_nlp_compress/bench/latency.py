@@ -184,6 +184,32 @@ def _torch_cases(weights, config_shape: Dict, batch_sizes: Sequence[int], seq: i
     return cases
 
 
+def time_interleaved(engines: Dict[str, Dict[str, Callable[[], None]]], repeat: int,
+                     calls: Callable[[str], int], log: Callable[[str], None] = lambda message: None) -> tuple:
+    """Warm every case of every engine up (two calls; the first compiles), then `repeat` rounds: per case, each
+    engine runs `calls(case)` timed calls back to back, the engine order reversed every other round so load from
+    other processes hits all alike. Every engine must have the same cases. Returns ({engine: {case: first-call
+    seconds}}, {case: {engine: summary}})."""
+    case_names = list(next(iter(engines.values())))
+    timers = {engine: {case: _Timer(fn) for case, fn in cases.items()} for engine, cases in engines.items()}
+    compile_seconds: Dict[str, Dict[str, float]] = {}
+    for engine, cases in engines.items():
+        for case, fn in cases.items():
+            start = time.perf_counter()
+            fn()  # MindSpore: compile + first run
+            compile_seconds.setdefault(engine, {})[case] = round(time.perf_counter() - start, 2)
+            fn()
+            log(f"warmed up {engine} {case} (first call {compile_seconds[engine][case]} s)")
+    order = list(engines)
+    for round_index in range(repeat):
+        for case in case_names:
+            for engine in (order if round_index % 2 == 0 else order[::-1]):
+                timers[engine][case].run(calls(case))
+        log(f"round {round_index + 1}/{repeat} done")
+    return compile_seconds, {case: {engine: timers[engine][case].summary() for engine in engines}
+                             for case in case_names}
+
+
 def run_benchmark(batch_sizes: Sequence[int] = (1, 32), seq: int = 128, train: bool = False, repeat: int = 5,
                   threads: Optional[int] = None, fusion: bool = False, variants: Sequence[str] = ("auto",),
                   weights: str = "auto", dropout_impl: str = "stateless", use_torch: bool = True,
@@ -219,24 +245,10 @@ def run_benchmark(batch_sizes: Sequence[int] = (1, 32), seq: int = 128, train: b
             torch.set_num_threads(threads)
         torch_threads = torch.get_num_threads()
         engines["torch"] = _torch_cases(hf_weights, MINILM_SHAPE, batch_sizes, seq, train, seed)
-    case_names = list(next(iter(engines.values())))
-    timers = {engine: {case: _Timer(fn) for case, fn in cases.items()} for engine, cases in engines.items()}
-    compile_seconds = {}
-    for engine, cases in engines.items():
-        for case, fn in cases.items():
-            start = time.perf_counter()
-            fn()  # MindSpore: compile + first run
-            compile_seconds.setdefault(engine, {})[case] = round(time.perf_counter() - start, 2)
-            fn()
-            log(f"warmed up {engine} {case} (first call {compile_seconds[engine][case]} s)")
-    order = list(engines)
-    for round_index in range(repeat):
-        for case in case_names:
-            calls = 10 if case.startswith("infer_b") and int(case[len("infer_b"):]) < 8 else 1
-            for engine in (order if round_index % 2 == 0 else order[::-1]):
-                timers[engine][case].run(calls)
-        log(f"round {round_index + 1}/{repeat} done")
-    cases_out = {case: {engine: timers[engine][case].summary() for engine in engines} for case in case_names}
+    compile_seconds, cases_out = time_interleaved(
+        engines, repeat, lambda case: 10 if case.startswith("infer_b") and int(case[len("infer_b"):]) < 8 else 1,
+        log)
+    case_names = list(cases_out)
     ratios = {}
     if torch_version:
         for case in case_names:
@@ -317,6 +329,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dropout-impl", choices=("stateless", "native"), default="stateless",
                         help="MindSpore dropout in the train step (NezhaConfig.dropout_impl)")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    parser.add_argument("--models", default=None, metavar="NAME=DIR,NAME=DIR",
+                        help="time saved model directories against the first one instead (bench/models.py): "
+                             "e.g. teacher=runs/vader_sst2_cpu/best,student=runs/tinybert_vader_cpu/best")
+    parser.add_argument("--seqs", type=_int_list, default=None,
+                        help="with --models: sequence lengths (default: --seq)")
+    parser.add_argument("--distill", action="store_true",
+                        help="with --models TEACHER,STUDENT: time the fine-tune and distillation updates")
+    parser.add_argument("--train-batch", type=int, default=32, help="with --distill: the update's batch (32)")
+    parser.add_argument("--no-infer", action="store_true", help="with --models: skip the inference cases")
     parser.add_argument("--output", choices=("table", "json"), default="table")
     parser.add_argument("--save", type=Path, default=None, help="also write the JSON result to this file")
     parser.set_defaults(func=run_command)
@@ -325,6 +346,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_command(args) -> int:
     log = (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
+    if args.models is not None:
+        return _run_models_command(args, log)
     from ms_nlp_compress.bench.torch_reference import torch_available
     if not args.no_torch and torch_available() is None:
         log("PyTorch is not installed: reporting MindSpore numbers only (pip install torch to compare)")
@@ -334,6 +357,22 @@ def run_command(args) -> int:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.output == "json" else format_table(result))
+    return 0
+
+
+def _run_models_command(args, log) -> int:
+    from ms_nlp_compress.bench.models import format_model_table, parse_models, run_model_benchmark
+
+    if args.train_batch <= 0:
+        from ms_nlp_compress.errors import ConfigError
+        raise ConfigError(f"--train-batch: must be positive, got {args.train_batch}")
+    result = run_model_benchmark(parse_models(args.models), args.batch_sizes, args.seqs or [args.seq], args.repeat,
+                                 args.threads, args.fusion == "on", args.distill, args.train_batch,
+                                 infer=not args.no_infer, log=log)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.output == "json" else format_model_table(result))
     return 0
 
 
