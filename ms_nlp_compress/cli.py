@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ms_nlp_compress.data import commands as data_commands
     from ms_nlp_compress.export import commands as export_commands
     from ms_nlp_compress.models import convert_command
+    from ms_nlp_compress.pipeline import commands as pipeline_commands
     from ms_nlp_compress.train import finetune, pretrain
 
     data_commands.add_parser(sub)
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill_commands.add_parser(sub)
     dynabert_commands.add_parser(sub)
     quant_commands.add_parser(sub)
+    pipeline_commands.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,113 @@
+"""The pipeline file: an ordered list of stages, each naming an ordinary experiment config (the same file its own
+command takes) plus `--set` overrides, and how the produced models are measured.
+
+```yaml
+name: compress_vader_cpu
+run_dir: runs/compress_vader_cpu
+stages:                     # in order; each key is the stage's folder under run_dir
+  teacher: {kind: finetune, config: vader_sst2_cpu.yaml}
+  tinybert: {kind: distill_task, config: tinybert_vader_cpu.yaml}
+measure: {batch_sizes: [1, 32], sequence_length: 128}
+```
+
+Stages are a mapping, not a list, so `--set stages.tinybert.enabled=false` or
+`--set "stages.tinybert.set=[train.epochs=2]"` address one stage by name.
+
+Stage config paths are relative to the pipeline file. Each stage's `output_dir` is `run_dir/<name>`, and its input
+model (the teacher of a distillation, the model DynaBERT or QAT start from) is the previous stage's output model:
+the pipeline sets those keys, so the stage configs need not know where they run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ms_nlp_compress.errors import ConfigError
+
+
+@dataclass
+class StageSpec:
+    kind: str = ""  # a registered stage kind: model, finetune, distill_task, dynabert, quantize
+    config: Optional[str] = None  # the stage's experiment config file (relative to the pipeline file)
+    set: List[str] = field(default_factory=list)  # extra `key=value` overrides, as with --set
+    model: Optional[str] = None  # kind `model`: an existing model directory taken as this stage's output
+    enabled: bool = True  # false: the stage is skipped and the next one takes this stage's input
+    name: str = field(default="", metadata={"internal": True})  # its key in `stages` (set on load)
+
+    def validate(self, prefix: str) -> None:
+        if not self.name or "/" in self.name or self.name.startswith(".") or self.name == "previous":
+            raise ConfigError(f"{prefix}: a stage name must be a folder name (no '/', not hidden, not "
+                              f"'previous'), got {self.name!r}")
+        for number, item in enumerate(self.set):
+            if "=" not in item:
+                raise ConfigError(f"{prefix}.set[{number}]: expected key=value, got {item!r}")
+        if self.kind == "model":
+            if not self.model:
+                raise ConfigError(f"{prefix}.model: kind `model` needs the model directory to take")
+        elif not self.config:
+            raise ConfigError(f"{prefix}.config: kind {self.kind!r} needs its experiment config file")
+
+
+@dataclass
+class MeasureConfig:
+    """How every produced model is measured for the report (the same splits, machine and shapes for all)."""
+
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
+    sequence_length: int = 128
+    repeat: int = 5  # timed calls per shape after one warm-up call; the median is reported
+    export: bool = True  # write and reload-check a MindIR of every model (its bytes go in the report)
+    evaluate: bool = True  # dev and test metrics of every model on the first training stage's splits
+    cpu_threads: Optional[int] = None  # None: the first stage config's runtime.cpu_threads
+
+    def validate(self, prefix: str = "measure") -> None:
+        if not self.batch_sizes or any(size < 1 for size in self.batch_sizes):
+            raise ConfigError(f"{prefix}.batch_sizes: positive batch sizes required, got {self.batch_sizes}")
+        if self.sequence_length < 2:
+            raise ConfigError(f"{prefix}.sequence_length: at least 2, got {self.sequence_length}")
+        if self.repeat < 1:
+            raise ConfigError(f"{prefix}.repeat: at least 1, got {self.repeat}")
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "compress"
+    run_dir: str = "runs/compress"
+    stages: Dict[str, Any] = field(default_factory=dict)  # name -> StageSpec keys (typed in `specs`)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def specs(self) -> List[StageSpec]:
+        """The stages in file order, type-checked (errors name `stages.<name>.<key>`)."""
+        from ms_nlp_compress.config import from_mapping
+
+        specs = []
+        for name, values in self.stages.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"stages.{name}: expected a mapping of stage keys, got {values!r}")
+            spec = from_mapping(StageSpec, values, f"stages.{name}")
+            spec.name = str(name)
+            specs.append(spec)
+        return specs
+
+    def validate(self, prefix: str = "") -> None:
+        from ms_nlp_compress.pipeline.stages import stage_kind
+
+        if not self.stages:
+            raise ConfigError("stages: the pipeline has no stage")
+        for stage in self.specs():
+            where = f"stages.{stage.name}"
+            stage_kind(stage.kind, where)  # unknown kinds are errors naming the key and the known kinds
+            stage.validate(where)
+        enabled = [stage for stage in self.specs() if stage.enabled]
+        if not enabled:
+            raise ConfigError("stages: every stage is disabled")
+        first = enabled[0]
+        if stage_kind(first.kind).needs_input:
+            raise ConfigError(f"stages: the first enabled stage {first.name!r} ({first.kind}) needs an input "
+                              "model; start with a `finetune` or `model` stage")
+        self.measure.validate("measure")
+
+
+def stage_config_path(pipeline_file: Path, stage: StageSpec) -> Path:
+    path = Path(stage.config)
+    return path if path.is_absolute() else (pipeline_file.parent / path)

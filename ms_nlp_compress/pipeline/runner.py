@@ -1,0 +1,163 @@
+"""Run the stages in order, each once per (config, input model): a stage whose record matches is skipped, an
+interrupted one resumes from its own checkpoints, a changed one re-runs (its old folder moved aside, not deleted),
+and so do the stages after it whose input model changed. Then every produced model is measured and the report
+written.
+
+A stage's identity (`stage_hash`) is the sha256 of its kind, its resolved config (without `output_dir`, which the
+pipeline sets) and the fingerprint of its input model (the previous stage's output files). Records:
+
+    run_dir/pipeline.json                 the stage list of the last invocation (the report reads it)
+    run_dir/<stage>/pipeline_started.json the stage_hash of the run in progress (resume only with the same hash)
+    run_dir/<stage>/pipeline_stage.json   the finished stage: stage_hash, its command's report, outputs, seconds
+    run_dir/previous/<stage>.<time>/      a stage folder replaced because its config or input changed
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ms_nlp_compress.atomic import write_text_atomic
+from ms_nlp_compress.config import config_to_dict, load_config
+from ms_nlp_compress.errors import ConfigError, MsncError
+from ms_nlp_compress.pipeline.config import PipelineConfig, StageSpec, stage_config_path
+from ms_nlp_compress.pipeline.measure import measure_model, model_fingerprint
+from ms_nlp_compress.pipeline.stages import stage_kind
+
+Log = Callable[[str], None]
+STAGE_RECORD = "pipeline_stage.json"
+STARTED_RECORD = "pipeline_started.json"
+
+
+def _read_json(path: Path) -> Optional[Dict]:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MsncError(f"{path}: unreadable pipeline record ({err}); move the folder away to redo the stage")
+
+
+def _resolve(path: str) -> Path:
+    from ms_nlp_compress.train.finetune import resolve_path
+
+    return resolve_path(path)
+
+
+def stage_hash(kind: str, config, input_fingerprint: Optional[str]) -> str:
+    values = config_to_dict(config)
+    values.pop("output_dir", None)
+    payload = json.dumps({"kind": kind, "config": values, "input": input_fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _move_aside(stage_dir: Path, run_dir: Path, log: Log) -> None:
+    target = run_dir / "previous" / f"{stage_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(stage_dir), str(target))
+    log(f"  its earlier folder (another config or input) moved to {target}")
+
+
+def load_pipeline(path: Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: pipeline config not found")
+    return load_config(path, overrides, cls=PipelineConfig)
+
+
+def resolve_stage_config(pipeline_file: Path, stage: StageSpec, stage_dir: Path, input_dir: Optional[Path]):
+    kind = stage_kind(stage.kind)
+    overrides = list(stage.set) + [f"output_dir={stage_dir}"]
+    if input_dir is not None:
+        overrides += [f"{key}={input_dir}" for key in kind.input_keys]
+    elif kind.needs_input:
+        raise ConfigError(f"stage {stage.name!r} ({stage.kind}) needs the previous stage's model, and there is none")
+    path = stage_config_path(pipeline_file, stage)
+    if not path.is_file():
+        raise ConfigError(f"stage {stage.name!r}: config {path} not found")
+    return load_config(path, overrides)
+
+
+def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: bool = True, log: Log = print,
+                 stop_after: Optional[str] = None, measure: bool = True) -> Dict:
+    """Run (or skip, or resume) every enabled stage, then measure every produced model and write the report.
+    `stop_after`: a stage name to stop after (tests, partial runs). Returns the report dictionary."""
+    from ms_nlp_compress.pipeline.report import build_report
+
+    pipeline_file = Path(pipeline_file)
+    pipeline = load_pipeline(pipeline_file, overrides)
+    run_dir = _resolve(pipeline.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    enabled = [stage for stage in pipeline.specs() if stage.enabled]
+    write_text_atomic(run_dir / "pipeline.json", json.dumps({
+        "name": pipeline.name, "pipeline_file": str(pipeline_file.resolve()), "overrides": list(overrides),
+        "stages": [{"name": stage.name, "kind": stage.kind} for stage in enabled],
+        "measure": config_to_dict(pipeline.measure)}, indent=2))
+    started_all = time.perf_counter()
+    input_dir, input_fingerprint = None, None
+    eval_config = None
+    produced: List[Tuple[str, str, Path]] = []  # (stage, label, model dir)
+    for index, stage in enumerate(enabled, 1):
+        kind = stage_kind(stage.kind)
+        stage_dir = run_dir / stage.name
+        header = f"[{index}/{len(enabled)}] {stage.name} ({stage.kind})"
+        if kind.run is None:  # an existing model
+            model_dir = _resolve(stage.model)
+            if model_dir is None or not model_dir.is_dir():
+                raise ConfigError(f"stage {stage.name!r}: model {stage.model} is not a directory")
+            outputs = kind.outputs(stage_dir, {"model": str(model_dir)})
+            log(f"{header}: {model_dir}")
+        else:
+            config = resolve_stage_config(pipeline_file, stage, stage_dir, input_dir)
+            if eval_config is None:
+                eval_config = config
+            identity = stage_hash(stage.kind, config, input_fingerprint)
+            done = _read_json(stage_dir / STAGE_RECORD)
+            if done is not None and done.get("stage_hash") == identity:
+                report = done["report"]
+                log(f"{header}: done before with this config and input ({done.get('seconds', 0):.0f} s then); "
+                    "skipped")
+            else:
+                started = _read_json(stage_dir / STARTED_RECORD)
+                if stage_dir.exists() and (done is not None or started is None
+                                           or started.get("stage_hash") != identity or not resume):
+                    log(f"{header}: config or input changed since {stage_dir} was made")
+                    _move_aside(stage_dir, run_dir, log)
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                resuming = (stage_dir / STARTED_RECORD).is_file()
+                write_text_atomic(stage_dir / STARTED_RECORD, json.dumps({"stage_hash": identity}))
+                log(f"{header}: {'resuming' if resuming else 'running'} -> {stage_dir}")
+                began = time.perf_counter()
+                report = kind.run(config, resume, log)
+                seconds = time.perf_counter() - began
+                outputs = kind.outputs(stage_dir, report)
+                write_text_atomic(stage_dir / STAGE_RECORD, json.dumps({
+                    "stage_hash": identity, "kind": stage.kind, "input": str(input_dir) if input_dir else None,
+                    "input_fingerprint": input_fingerprint, "report": report, "seconds": round(seconds, 1),
+                    "outputs": [[label, str(path)] for label, path in outputs]}, indent=2, default=str))
+                log(f"{header}: finished in {seconds:.0f} s")
+            outputs = kind.outputs(stage_dir, report)
+        for label, path in outputs:
+            if not Path(path).is_dir():
+                raise MsncError(f"stage {stage.name!r}: expected model directory {path} is missing (move "
+                                f"{stage_dir} away to redo the stage)")
+            produced.append((stage.name, label, Path(path)))
+        input_dir = outputs[0][1]
+        input_fingerprint = model_fingerprint(input_dir)
+        if stop_after == stage.name:
+            log(f"stopping after stage {stage.name!r} (--stop-after)")
+            return {"run_dir": str(run_dir), "stopped_after": stage.name}
+    if eval_config is None:
+        raise ConfigError("stages: no stage has an experiment config to take the evaluation data from")
+    if measure:
+        from ms_nlp_compress.runtime import setup_runtime
+
+        setup_runtime(eval_config.runtime)
+        log(f"measuring {len(produced)} model(s): dev/test, size, latency, MindIR")
+        for stage_name, label, model_dir in produced:
+            measure_model(label, model_dir, eval_config, pipeline.measure, run_dir / stage_name / "measure", log)
+    report = build_report(run_dir)
+    log(f"pipeline finished in {time.perf_counter() - started_all:.0f} s; report: {run_dir / 'report.md'}")
+    return report

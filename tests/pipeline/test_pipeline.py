@@ -1,0 +1,198 @@
+"""`msnc compress` end to end on the tiny distillation task (graph mode): teacher fine-tune -> TinyBERT, every model
+measured (dev/test, bytes, MindIR reloaded, latency) and reported; a rerun skips finished stages; a changed stage
+config re-runs that stage only (the teacher is kept) and a changed teacher re-runs both; a kill -9 inside a stage
+resumes to the uninterrupted run's weights; the report is rebuilt from the artifacts; config errors name the key."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compress" / "distill"))
+import distill_tiny  # noqa: E402
+
+from ms_nlp_compress.cli import main as msnc  # noqa: E402
+from ms_nlp_compress.errors import ConfigError  # noqa: E402
+from ms_nlp_compress.models.checkpoint import read_model_dir  # noqa: E402
+from ms_nlp_compress.pipeline.report import build_report, pareto_front  # noqa: E402
+from ms_nlp_compress.pipeline.runner import run_pipeline  # noqa: E402
+from ms_nlp_compress.train.finetune import run_eval  # noqa: E402
+
+QUIET = dict(log=lambda message: None)
+
+
+def pipeline_file(folder: Path, run: str, extra_stage: str = "") -> Path:
+    distill_tiny.teacher_config(folder)
+    distill_tiny.task_config(folder, "student", init="teacher_layers")
+    path = folder / f"{run}.yaml"
+    path.write_text(f"""
+name: tiny_compress
+run_dir: {folder / run}
+stages:
+  teacher: {{kind: finetune, config: teacher.yaml}}
+  tinybert: {{kind: distill_task, config: student.yaml, set: ["distill.intermediate_train.epochs=2"]}}
+{extra_stage}
+measure: {{batch_sizes: [1, 4], sequence_length: 12, repeat: 2}}
+""")
+    return path
+
+
+def weights(model_dir):
+    return read_model_dir(model_dir)[2]
+
+
+def same_weights(first, second):
+    return first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+
+
+first_models = {}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    distill_tiny.write_assets(folder)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    config = pipeline_file(folder, "run")
+    lines = []
+    report = run_pipeline(config, log=lines.append)
+    # the first run's models, before a later test re-runs stages of the same run folder
+    first_models.update(teacher=weights(folder / "run" / "teacher" / "best"),
+                        tinybert=weights(folder / "run" / "tinybert" / "best"))
+    yield folder, config, report, lines
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def test_end_to_end_measures_every_model_from_its_files(tiny):
+    folder, _, report, lines = tiny
+    run = folder / "run"
+    assert [row["label"] for row in report["models"]] == ["teacher", "tinybert"]
+    assert any(line.startswith("[1/2] teacher (finetune): running") for line in lines)
+    assert any(line.startswith("[2/2] tinybert (distill_task): running") for line in lines)
+    for row, model_dir in zip(report["models"], (run / "teacher" / "best", run / "tinybert" / "best")):
+        assert Path(row["model_dir"]) == model_dir
+        # the measurement equals `msnc eval` on the same files and the bytes on disk
+        assert row["dev"] == run_eval(model_dir, "sst2", folder / "sst2" / "dev.tsv", batch_size=7)
+        assert row["test"] == run_eval(model_dir, "sst2", folder / "sst2" / "test.tsv", batch_size=7)
+        assert row["model_dir_bytes"] == sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+        assert Path(row["mindir"]["path"]).stat().st_size == row["mindir"]["bytes"]
+        assert max(row["mindir"]["max_abs_difference"].values()) < 1e-4  # reloaded MindIR == the Cell
+        assert set(row["latency_ms"]) == {"1", "4"} and all(v > 0 for v in row["latency_ms"].values())
+    teacher, student = report["models"]
+    assert teacher["dev"]["acc"] >= 0.9 and student["dev"]["acc"] >= 0.8
+    assert student["parameters"] < teacher["parameters"] / 2 and student["size_ratio"] > 2
+    assert student["accuracy_kept"] == pytest.approx(student["test"]["acc"] / teacher["test"]["acc"])
+    markdown = (run / "report.md").read_text()
+    assert "| tinybert | tinybert (distill_task) |" in markdown and (run / "pareto_size.png").stat().st_size > 0
+    assert (run / "pareto_latency.png").is_file()
+    # The student is the one distilled from this run's teacher.
+    stage = json.loads((run / "tinybert" / "pipeline_stage.json").read_text())
+    assert stage["input"] == str(run / "teacher" / "best")
+
+
+def test_rerun_skips_finished_stages_and_measurements(tiny):
+    folder, config, report, _ = tiny
+    run = folder / "run"
+    metrics_before = (run / "tinybert" / "stage2_prediction" / "metrics.jsonl").read_text()
+    lines = []
+    again = run_pipeline(config, log=lines.append)
+    assert sum("skipped" in line for line in lines) == 2
+    assert sum("measured before" in line for line in lines) == 2
+    assert (run / "tinybert" / "stage2_prediction" / "metrics.jsonl").read_text() == metrics_before
+    assert [row["dev"] for row in again["models"]] == [row["dev"] for row in report["models"]]
+
+
+def test_report_is_rebuilt_from_the_artifacts(tiny):
+    folder, _, _, _ = tiny
+    run = folder / "copy_for_report"
+    import shutil
+
+    shutil.copytree(folder / "run", run, ignore=shutil.ignore_patterns("*_mindir", "checkpoints"))
+    record_path = run / "tinybert" / "measure" / "tinybert.json"
+    record = json.loads(record_path.read_text())
+    record["test"]["acc"] = 0.123
+    record["latency_ms"]["4"] = record["latency_ms"]["4"] * 10
+    record_path.write_text(json.dumps(record))
+    assert msnc(["report", str(run)]) == 0
+    rebuilt = json.loads((run / "report.json").read_text())
+    student = rebuilt["models"][1]
+    assert student["test_metric"] == 0.123 and "| 0.123 |" in (run / "report.md").read_text()
+    teacher_ms = rebuilt["models"][0]["latency_ms"]["4"]
+    assert student["speedup"]["4"] == pytest.approx(teacher_ms / record["latency_ms"]["4"])
+
+
+def test_pareto_front_against_brute_force():
+    rng = np.random.default_rng(0)
+    points = [tuple(p) for p in rng.integers(0, 6, (12, 2)).astype(float)]
+    expected = [i for i, (x, y) in enumerate(points)
+                if not any(ox <= x and oy >= y and (ox, oy) != (x, y) for ox, oy in points)]
+    assert pareto_front(points) == expected
+
+
+def test_changed_stage_config_reruns_that_stage_and_later_ones_only(tiny):
+    folder, config, _, _ = tiny
+    run = folder / "run"
+    teacher_before = weights(run / "teacher" / "best")
+    student_before = weights(run / "tinybert" / "best")
+    lines = []
+    changed = ["stages.tinybert.set=[distill.intermediate_train.epochs=1]"]
+    run_pipeline(config, changed, log=lines.append, measure=False)
+    assert any(line.startswith("[1/2] teacher (finetune): done before") for line in lines)
+    assert any(line.startswith("[2/2] tinybert (distill_task): running") for line in lines)
+    assert same_weights(teacher_before, weights(run / "teacher" / "best"))
+    assert not same_weights(student_before, weights(run / "tinybert" / "best"))
+    moved = list((run / "previous").glob("tinybert.*"))
+    assert len(moved) == 1 and same_weights(student_before, weights(moved[0] / "best"))  # nothing lost
+    # A changed teacher changes the teacher's weights, so the student re-runs too.
+    lines = []
+    run_pipeline(config, changed + ["stages.teacher.set=[train.learning_rate=0.02]"], log=lines.append,
+                 measure=False)
+    assert any(line.startswith("[1/2] teacher (finetune): running") for line in lines)
+    assert any(line.startswith("[2/2] tinybert (distill_task): running") for line in lines)
+
+
+def test_kill_minus_nine_inside_a_stage_resumes_to_the_same_models(tiny):
+    folder, _, report, _ = tiny
+    config = pipeline_file(folder, "victim")
+    command = [sys.executable, "-m", "ms_nlp_compress.cli", "compress", "--config", str(config), "--no-measure"]
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    victim = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = folder / "victim" / "tinybert" / "stage1_intermediate" / "checkpoints" / "LATEST"
+    deadline = time.time() + 400
+    while not pointer.exists() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the pipeline finished before it could be killed"
+    assert not (folder / "victim" / "tinybert" / "pipeline_stage.json").exists()
+    resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[1/2] teacher (finetune): done before" in resumed.stdout
+    assert "[2/2] tinybert (distill_task): resuming" in resumed.stdout
+    stage1 = json.loads((folder / "victim" / "tinybert" / "stage1_intermediate" / "stage.json").read_text())
+    assert stage1["resumed_from"]
+    assert same_weights(first_models["teacher"], weights(folder / "victim" / "teacher" / "best"))
+    assert same_weights(first_models["tinybert"], weights(folder / "victim" / "tinybert" / "best"))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  teacher: {kind: finetuned, config: x.yaml}\n")
+    with pytest.raises(ConfigError, match=r"stages\.teacher\.kind: unknown stage kind 'finetuned'.*finetune"):
+        run_pipeline(bad, **QUIET)
+    bad.write_text("stages:\n  teacher: {kind: finetune, config: x.yaml, epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"stages\.teacher: unknown key\(s\) epochs"):
+        run_pipeline(bad, **QUIET)
+    bad.write_text("stages:\n  student: {kind: distill_task, config: x.yaml}\n")
+    with pytest.raises(ConfigError, match="first enabled stage 'student' \\(distill_task\\) needs an input"):
+        run_pipeline(bad, **QUIET)
+    bad.write_text("stages:\n  teacher: {kind: finetune, config: missing.yaml}\n")
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        run_pipeline(bad, **QUIET)
