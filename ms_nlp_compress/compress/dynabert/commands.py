@@ -1,7 +1,7 @@
 """`msnc dynabert importance | train | extract | grid | select` (compress/dynabert/run.py).
 
     msnc dynabert importance --config X.yaml [--set k=v ...]        score + rewire the teacher: <output_dir>/rewired
-    msnc dynabert train --config X.yaml [--no-resume]                stage width, then width_depth: <output_dir>/dynabert
+    msnc dynabert train --config X.yaml [--no-resume]                stages width, width_depth: <output_dir>/dynabert
     msnc dynabert extract --config X.yaml --width W --depth D [--output DIR] [--model DIR]
     msnc dynabert grid --config X.yaml                               dev/test per (w, d): grid.json, grid.png
     msnc dynabert select --config X.yaml --latency-ms X --batch-size B [--seq N] [--repeat R]

@@ -191,7 +191,8 @@ def test_select_picks_the_most_accurate_within_the_budget(tiny):
     assert report["selected"]["name"] == expected["name"]
     assert seen == [len(e["layers"]) for e in grid["entries"]]
     # choose(): ties on accuracy go to the faster one; nothing within the budget is None
-    candidates = [{"dev": {"acc": 0.9}, "latency_ms": 5.0, "n": "a"}, {"dev": {"acc": 0.9}, "latency_ms": 3.0, "n": "b"},
+    candidates = [{"dev": {"acc": 0.9}, "latency_ms": 5.0, "n": "a"},
+                  {"dev": {"acc": 0.9}, "latency_ms": 3.0, "n": "b"},
                   {"dev": {"acc": 0.95}, "latency_ms": 9.0, "n": "c"}]
     assert choose(candidates, 8.0)["n"] == "b" and choose(candidates, 9.0)["n"] == "c"
     assert choose(candidates, 2.0) is None
