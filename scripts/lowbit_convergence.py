@@ -80,16 +80,18 @@ def collect(out: Path, names) -> list:
     rows = []
     for name in names:
         target = out / name
-        if not (target / "results.json").is_file():
+        if not (target / "metrics.jsonl").is_file():
             continue
-        results = json.loads((target / "results.json").read_text())
+        # a launch that died after training (e.g. a rank timed out by msrun's heartbeat during the evaluation on a
+        # saturated machine) still has its loss curve; its accuracies are reported as missing, never guessed
+        results = json.loads((target / "results.json").read_text()) if (target / "results.json").is_file() else {}
         records = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines() if line.strip()]
         train = [r for r in records if r["type"] == "train"]
         wall = json.loads((target / "wall.json").read_text()) if (target / "wall.json").is_file() else {}
         rows.append({
             "name": name, "label": VARIANTS[name][0],
             "updates": [r["update"] for r in train], "loss": [r["loss"] for r in train],
-            "final_dev_accuracy": results["dev"].get("acc"),
+            "final_dev_accuracy": results.get("dev", {}).get("acc"),
             "best_dev_accuracy": results.get("best_dev", {}).get("acc"),
             "test_accuracy": results.get("test", {}).get("acc"),
             "train_seconds": results.get("train_seconds"), "wall_seconds": wall.get("wall_seconds"),
@@ -112,9 +114,10 @@ def report(out: Path, rows: list, args) -> None:
     for row in rows:
         head = sum(row["loss"][:tail]) / max(1, len(row["loss"][:tail]))
         bytes_text = f"{row['bytes_per_step']:,}" if row["bytes_per_step"] else "fp32 all-reduce"
+        dev, test, seconds = (f"{row[key]:.4f}" if row[key] is not None else "missing"
+                              for key in ("final_dev_accuracy", "test_accuracy", "train_seconds"))
         lines.append(f"| {row['label']} | {len(row['loss'])} | {head:.4f} | {mean_tail(row['loss'], tail):.4f} | "
-                     f"{row['final_dev_accuracy']:.4f} | {row['test_accuracy']:.4f} | {bytes_text} | "
-                     f"{row['train_seconds']:.0f} |")
+                     f"{dev} | {test} | {bytes_text} | {seconds} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -136,11 +139,12 @@ def report(out: Path, rows: list, args) -> None:
     axes[0].set_ylabel(f"training loss (moving average of {window})")
     axes[0].set_title(f"MiniLM (top {args.train_top_layers} layers trained) on VADER SST-2, 2 ranks")
     axes[0].legend(fontsize=8)
-    positions = np.arange(len(rows))
-    axes[1].bar(positions - 0.2, [r["final_dev_accuracy"] for r in rows], 0.4, label="final dev")
-    axes[1].bar(positions + 0.2, [r["test_accuracy"] for r in rows], 0.4, label="test (best dev)")
-    axes[1].set_xticks(positions, [r["label"].replace(", ", "\n") for r in rows], fontsize=7)
-    low = min([r["final_dev_accuracy"] for r in rows] + [r["test_accuracy"] for r in rows])
+    scored = [r for r in rows if r["final_dev_accuracy"] is not None and r["test_accuracy"] is not None]
+    positions = np.arange(len(scored))
+    axes[1].bar(positions - 0.2, [r["final_dev_accuracy"] for r in scored], 0.4, label="final dev")
+    axes[1].bar(positions + 0.2, [r["test_accuracy"] for r in scored], 0.4, label="test (best dev)")
+    axes[1].set_xticks(positions, [r["label"].replace(", ", "\n") for r in scored], fontsize=7)
+    low = min([r["final_dev_accuracy"] for r in scored] + [r["test_accuracy"] for r in scored] + [1.0])
     axes[1].set_ylim(max(0.0, low - 0.05), 1.0)
     axes[1].set_ylabel("accuracy")
     axes[1].legend(fontsize=8)
