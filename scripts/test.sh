@@ -6,4 +6,4 @@ VENV="$(bash "$ROOT/scripts/setup_env.sh" test)"
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
 msnc data fetch
-python -m pytest tests -q -p no:cacheprovider "$@"
+python -m pytest tests -q -p no:cacheprovider --durations=30 "$@"
