@@ -33,6 +33,7 @@ class StageSpec:
     set: List[str] = field(default_factory=list)  # extra `key=value` overrides, as with --set
     model: Optional[str] = None  # kind `model`: an existing model directory taken as this stage's output
     enabled: bool = True  # false: the stage is skipped and the next one takes this stage's input
+    options: Dict[str, Any] = field(default_factory=dict)  # the kind's own choices (e.g. dynabert width/depth)
     name: str = field(default="", metadata={"internal": True})  # its key in `stages` (set on load)
 
     def validate(self, prefix: str) -> None:
@@ -47,6 +48,13 @@ class StageSpec:
                 raise ConfigError(f"{prefix}.model: kind `model` needs the model directory to take")
         elif not self.config:
             raise ConfigError(f"{prefix}.config: kind {self.kind!r} needs its experiment config file")
+        from ms_nlp_compress.pipeline.stages import stage_kind
+
+        allowed = stage_kind(self.kind, prefix).option_keys
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ConfigError(f"{prefix}.options: unknown key(s) {', '.join(unknown)} for kind {self.kind!r}; "
+                              f"valid: {', '.join(allowed) or 'none'}")
 
 
 @dataclass

@@ -47,10 +47,11 @@ def _resolve(path: str) -> Path:
     return resolve_path(path)
 
 
-def stage_hash(kind: str, config, input_fingerprint: Optional[str]) -> str:
+def stage_hash(kind: str, config, input_fingerprint: Optional[str], options: Optional[Dict] = None) -> str:
     values = config_to_dict(config)
     values.pop("output_dir", None)
-    payload = json.dumps({"kind": kind, "config": values, "input": input_fingerprint}, sort_keys=True, default=str)
+    payload = json.dumps({"kind": kind, "config": values, "input": input_fingerprint, "options": options or {}},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -113,7 +114,7 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
             config = resolve_stage_config(pipeline_file, stage, stage_dir, input_dir)
             if eval_config is None:
                 eval_config = config
-            identity = stage_hash(stage.kind, config, input_fingerprint)
+            identity = stage_hash(stage.kind, config, input_fingerprint, stage.options)
             done = _read_json(stage_dir / STAGE_RECORD)
             if done is not None and done.get("stage_hash") == identity:
                 report = done["report"]
@@ -130,7 +131,7 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
                 write_text_atomic(stage_dir / STARTED_RECORD, json.dumps({"stage_hash": identity}))
                 log(f"{header}: {'resuming' if resuming else 'running'} -> {stage_dir}")
                 began = time.perf_counter()
-                report = kind.run(config, resume, log)
+                report = kind.run(config, resume, log, stage.options)
                 seconds = time.perf_counter() - began
                 outputs = kind.outputs(stage_dir, report)
                 write_text_atomic(stage_dir / STAGE_RECORD, json.dumps({

@@ -14,7 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ms_nlp_compress.errors import ConfigError
 
 Log = Callable[[str], None]
-# (resolved experiment config, resume, log) -> the stage's report (what its command prints / writes to results.json)
+# (resolved experiment config, resume, log, options) -> the stage's report (what its command prints / writes to
+# results.json); options are the stage's `options:` mapping
 RunFunction = Callable[..., Dict]
 # (stage folder, the stage's report) -> [(label, model directory)]: every model the stage produced, the one the
 # next stage starts from first
@@ -29,6 +30,7 @@ class StageKind:
     input_keys: Tuple[str, ...] = ()  # config keys the pipeline sets to the previous stage's model directory
     needs_input: bool = False  # a stage that cannot run without a previous stage's model
     description: str = ""
+    option_keys: Tuple[str, ...] = ()  # the keys its `options:` may hold
 
 
 _KINDS: Dict[str, StageKind] = {}
@@ -55,13 +57,13 @@ def best_dir(stage_dir: Path, report: Dict) -> List[Tuple[str, Path]]:
     return [(stage_dir.name, stage_dir / "best")]
 
 
-def _run_finetune(config, resume: bool, log: Log) -> Dict:
+def _run_finetune(config, resume: bool, log: Log, options: Dict) -> Dict:
     from ms_nlp_compress.train.finetune import run_finetune
 
     return run_finetune(config, resume=resume, log=log)
 
 
-def _run_distill_task(config, resume: bool, log: Log) -> Dict:
+def _run_distill_task(config, resume: bool, log: Log, options: Dict) -> Dict:
     from ms_nlp_compress.compress.distill.run import run_task
 
     return run_task(config, resume=resume, log=log)

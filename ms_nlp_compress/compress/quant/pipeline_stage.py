@@ -1,0 +1,21 @@
+"""Quantization as a `msnc compress` stage: distillation-aware QAT of the previous stage's model (its teacher and
+its initialisation, `distill.teacher`), convert to packed codes, MindIR checked, size report (`msnc quantize`);
+`options.ptq: true` runs the post-training baseline instead (`msnc quantize --ptq`)."""
+from __future__ import annotations
+
+from typing import Dict
+
+from ms_nlp_compress.pipeline.stages import StageKind, best_dir, register_stage
+
+
+def run_stage(config, resume: bool, log, options: Dict) -> Dict:
+    from ms_nlp_compress.compress.quant.run import run_ptq, run_quantize
+
+    if options.get("ptq", False):
+        return run_ptq(config, log=log)
+    return run_quantize(config, resume=resume, log=log)
+
+
+register_stage(StageKind(
+    "quantize", run_stage, best_dir, input_keys=("distill.teacher",), needs_input=True, option_keys=("ptq",),
+    description="msnc quantize: QAT (or options.ptq) -> packed 2/4/8-bit model directory + MindIR"))
