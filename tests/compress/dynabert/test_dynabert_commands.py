@@ -175,7 +175,8 @@ def test_select_picks_the_most_accurate_within_the_budget(tiny):
     grid = json.loads((folder / "reference" / "grid.json").read_text()) if \
         (folder / "reference" / "grid.json").is_file() else run_grid(config, **QUIET)
     # Injected latencies: proportional to FLOPs, the full model slowest (no timing in a test).
-    latency = {e["name"]: 1.0 + 10.0 * e["flops_ratio"] for e in grid["entries"]}
+    # (+ 0.1 * index: w0.5_d1 and w1_d0.5 have equal FLOPs, the latencies must differ)
+    latency = {e["name"]: 1.0 + 10.0 * e["flops_ratio"] + 0.1 * i for i, e in enumerate(grid["entries"])}
     seen = []
 
     def measure(model_dir, entry):
