@@ -1,9 +1,11 @@
-"""`msnc compress` end to end on the tiny distillation task (graph mode): teacher fine-tune -> TinyBERT, every model
-measured (dev/test, bytes, MindIR reloaded, latency) and reported; a rerun skips finished stages; a changed stage
+"""`msnc compress` end to end on the tiny distillation task (graph mode): teacher fine-tune -> TinyBERT (then
+DynaBERT -> 2-bit QAT appended to the same run), every model measured (dev/test, bytes, MindIR reloaded, latency)
+and reported; a rerun skips finished stages; a changed stage
 config re-runs that stage only (the teacher is kept) and a changed teacher re-runs both; a kill -9 inside a stage
 resumes to the uninterrupted run's weights; the report is rebuilt from the artifacts; config errors name the key."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +17,12 @@ import pytest
 
 import mindspore as ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compress" / "distill"))
+HERE = Path(__file__).resolve().parent
+for folder_name in ("distill", "dynabert", "quant"):
+    sys.path.insert(0, str(HERE.parent / "compress" / folder_name))
 import distill_tiny  # noqa: E402
+import dynabert_cmd_tiny  # noqa: E402
+import quant_tiny  # noqa: E402
 
 from ms_nlp_compress.cli import main as msnc  # noqa: E402
 from ms_nlp_compress.errors import ConfigError  # noqa: E402
@@ -28,17 +34,27 @@ from ms_nlp_compress.train.finetune import run_eval  # noqa: E402
 QUIET = dict(log=lambda message: None)
 
 
-def pipeline_file(folder: Path, run: str, extra_stage: str = "") -> Path:
+TEACHER_STAGE = "teacher: {kind: finetune, config: teacher.yaml}"
+# DynaBERT on the 1-layer student (depth 1.0 only), then 2-bit QAT of the extracted half-width sub-network
+LATER_STAGES = """
+  dynabert: {kind: dynabert, config: dynabert.yaml, options: {width: 0.5, depth: 1.0},
+             set: ["dynabert.width_train.epochs=1", "dynabert.width_depth_train.epochs=1",
+                   "dynabert.depth_multipliers=[1.0]"]}
+  ternary: {kind: quantize, config: quant.yaml}"""
+
+
+def pipeline_file(folder: Path, run: str, name: str = None, teacher: str = TEACHER_STAGE, later: str = "") -> Path:
     distill_tiny.teacher_config(folder)
     distill_tiny.task_config(folder, "student", init="teacher_layers")
-    path = folder / f"{run}.yaml"
+    dynabert_cmd_tiny.dynabert_config(folder, "dynabert")
+    quant_tiny.quant_config(folder, "quant")
+    path = folder / f"{name or run}.yaml"
     path.write_text(f"""
 name: tiny_compress
 run_dir: {folder / run}
 stages:
-  teacher: {{kind: finetune, config: teacher.yaml}}
-  tinybert: {{kind: distill_task, config: student.yaml, set: ["distill.intermediate_train.epochs=2"]}}
-{extra_stage}
+  {teacher}
+  tinybert: {{kind: distill_task, config: student.yaml, set: ["distill.intermediate_train.epochs=2"]}}{later}
 measure: {{batch_sizes: [1, 4], sequence_length: 12, repeat: 2}}
 """)
     return path
@@ -66,6 +82,7 @@ def tiny(tmp_path_factory):
     # the first run's models, before a later test re-runs stages of the same run folder
     first_models.update(teacher=weights(folder / "run" / "teacher" / "best"),
                         tinybert=weights(folder / "run" / "tinybert" / "best"))
+    shutil.copytree(folder / "run" / "teacher" / "best", folder / "teacher_copy")  # for the kill -9 test
     yield folder, config, report, lines
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
@@ -109,11 +126,37 @@ def test_rerun_skips_finished_stages_and_measurements(tiny):
     assert [row["dev"] for row in again["models"]] == [row["dev"] for row in report["models"]]
 
 
+def test_later_stages_chain_onto_the_finished_ones(tiny):
+    """DynaBERT and QAT appended to the same run: teacher and TinyBERT are skipped (same config and input), each
+    new stage starts from the previous stage's model, and all four models are measured and reported."""
+    folder, _, report, _ = tiny
+    run = folder / "run"
+    lines = []
+    full = run_pipeline(pipeline_file(folder, "run", name="run_all", later=LATER_STAGES), log=lines.append)
+    assert sum("skipped" in line for line in lines) == 2
+    assert [row["label"] for row in full["models"]] == ["teacher", "tinybert", "dynabert", "ternary"]
+    for stage, previous in (("dynabert", "tinybert/best"), ("ternary", "dynabert/chosen")):
+        record = json.loads((run / stage / "pipeline_stage.json").read_text())
+        assert record["input"] == str(run / previous), stage
+    rows = {row["label"]: row for row in full["models"]}
+    for label in ("dynabert", "ternary"):
+        row = rows[label]
+        assert row["dev"] == run_eval(Path(row["model_dir"]), "sst2", folder / "sst2" / "dev.tsv", batch_size=7)
+        assert max(row["mindir"]["max_abs_difference"].values()) < 1e-3
+    chosen = json.loads((run / "dynabert" / "pipeline_stage.json").read_text())["report"]["chosen"]
+    assert chosen["width"] == 0.5 and chosen["depth"] == 1.0
+    assert rows["dynabert"]["parameters"] < rows["tinybert"]["parameters"]
+    from safetensors.numpy import load_file  # the quantized directory stores integer codes, not float weights
+
+    stored = load_file(str(Path(rows["ternary"]["model_dir"]) / "model.safetensors"))
+    assert any(array.dtype in (np.uint8, np.int8) for array in stored.values())
+    assert rows["ternary"]["architecture"] != rows["dynabert"]["architecture"]
+    assert "| ternary | ternary (quantize) |" in (run / "report.md").read_text()
+
+
 def test_report_is_rebuilt_from_the_artifacts(tiny):
     folder, _, _, _ = tiny
     run = folder / "copy_for_report"
-    import shutil
-
     shutil.copytree(folder / "run", run, ignore=shutil.ignore_patterns("*_mindir", "checkpoints"))
     record_path = run / "tinybert" / "measure" / "tinybert.json"
     record = json.loads(record_path.read_text())
@@ -160,7 +203,7 @@ def test_changed_stage_config_reruns_that_stage_and_later_ones_only(tiny):
 
 def test_kill_minus_nine_inside_a_stage_resumes_to_the_same_models(tiny):
     folder, _, report, _ = tiny
-    config = pipeline_file(folder, "victim")
+    config = pipeline_file(folder, "victim", teacher=f"teacher: {{kind: model, model: {folder / 'teacher_copy'}}}")
     command = [sys.executable, "-m", "ms_nlp_compress.cli", "compress", "--config", str(config), "--no-measure"]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     victim = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -174,11 +217,10 @@ def test_kill_minus_nine_inside_a_stage_resumes_to_the_same_models(tiny):
     assert not (folder / "victim" / "tinybert" / "pipeline_stage.json").exists()
     resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "[1/2] teacher (finetune): done before" in resumed.stdout
+    assert "[1/2] teacher (model)" in resumed.stdout
     assert "[2/2] tinybert (distill_task): resuming" in resumed.stdout
     stage1 = json.loads((folder / "victim" / "tinybert" / "stage1_intermediate" / "stage.json").read_text())
     assert stage1["resumed_from"]
-    assert same_weights(first_models["teacher"], weights(folder / "victim" / "teacher" / "best"))
     assert same_weights(first_models["tinybert"], weights(folder / "victim" / "tinybert" / "best"))
 
 
@@ -195,4 +237,8 @@ def test_config_errors_name_the_key(tmp_path):
         run_pipeline(bad, **QUIET)
     bad.write_text("stages:\n  teacher: {kind: finetune, config: missing.yaml}\n")
     with pytest.raises(ConfigError, match="missing.yaml not found"):
+        run_pipeline(bad, **QUIET)
+    bad.write_text("stages:\n  teacher: {kind: finetune, config: x.yaml}\n"
+                   "  dynabert: {kind: dynabert, config: x.yaml, options: {widht: 0.5}}\n")
+    with pytest.raises(ConfigError, match=r"stages\.dynabert\.options: unknown key\(s\) widht for kind 'dynabert'"):
         run_pipeline(bad, **QUIET)
