@@ -45,11 +45,6 @@ class _QuantizerSTE(nn.Cell):
         raise NotImplementedError
 
     def construct(self, tensor):
-        if not self.training:
-            # Inference (evaluation, export): no gradient to route, so the quantized value itself. Skipping the
-            # STE's mask and two extra passes matters on CPU, where graph mode keeps every intermediate of the ~10
-            # activation quant points per layer alive (see compress/quant/README.md, "Measured").
-            return self.quantize(tensor)
         return straight_through(tensor, self.quantize(tensor), self.clip_value)
 
 
@@ -82,8 +77,6 @@ class LossAwareTernaryWeightSTE(nn.Cell):
     def construct(self, weight, preconditioner):
         quantized = primitives.lat_quantize(weight, ops.stop_gradient(preconditioner), self.per_row,
                                             self.num_iterations, self.clip_value, self.init)
-        if not self.training:
-            return quantized  # inference: the quantized value itself (see _QuantizerSTE.construct)
         return straight_through(weight, quantized, self.clip_value)
 
 
