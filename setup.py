@@ -26,7 +26,8 @@ setup(
         "decorator>=5.0",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # pytest-xdist: the suite runs in 2 processes (each test process uses one MindSpore CPU thread).
+        "test": ["pytest>=7", "pytest-xdist>=3.5"],
         "bench": ["torch"],
         "mindformers": ["mindformers"],
     },

@@ -6,4 +6,6 @@ VENV="$(bash "$ROOT/scripts/setup_env.sh" test)"
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"
 msnc data fetch
-python -m pytest tests -q -p no:cacheprovider --durations=30 "$@"
+# Each test process pins MindSpore to one CPU thread (tests/conftest.py), so two processes use both cores of a
+# laptop; --dist loadfile keeps a module's tests (and its module-scoped fixtures) in one process.
+python -m pytest tests -q -p no:cacheprovider -n "${MSNC_TEST_WORKERS:-2}" --dist loadfile --durations=30 "$@"

@@ -11,6 +11,14 @@ CONFIGS = Path(__file__).resolve().parent.parent / "ascend_configs"
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_shipped_config_loads(name):
+    if name.startswith("compress_"):  # a `msnc compress` pipeline: its stage configs must load too
+        from ms_nlp_compress.pipeline.config import PipelineConfig, stage_config_path
+
+        pipeline = load_config(CONFIGS / name, cls=PipelineConfig)
+        for stage in pipeline.specs():
+            if stage.config:
+                assert isinstance(load_config(stage_config_path(CONFIGS / name, stage), stage.set), ExperimentConfig)
+        return
     config = load_config(CONFIGS / name)
     assert isinstance(config, ExperimentConfig)
 
