@@ -554,6 +554,15 @@ def given_keys(config: Any, inherited: bool = True) -> Optional[frozenset]:
     return getattr(config, "_given_keys" if inherited else "_own_keys", None)
 
 
+def train_overrides(train: "TrainConfig", overrides: Dict[str, Any], key: str) -> "TrainConfig":
+    """`train` with the keys of `overrides` (a mapping of TrainConfig keys, e.g. `distill.intermediate_train`)
+    replaced, typed and validated; errors name `key`. The per-stage schedules of TinyBERT and DynaBERT."""
+    typed = from_mapping(TrainConfig, overrides, f"{key} (overrides of train:)", key)
+    resolved = dataclasses.replace(train, **{name: getattr(typed, name) for name in overrides})
+    resolved.validate(key)
+    return resolved
+
+
 def config_source(config: Any) -> str:
     return getattr(config, "_source", "<config built in code>")
 

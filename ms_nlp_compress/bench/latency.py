@@ -100,6 +100,27 @@ class _Timer:
                 "max_ms": round(ms_samples[-1], 2), "samples": len(ms_samples)}
 
 
+def forward_latency_ms(model, batch_size: int, sequence_length: int, vocab_size: int, repeat: int = 5,
+                       warmup: int = 2, seed: int = 0) -> float:
+    """Median milliseconds of one inference call of a loaded classifier / encoder `model` on a seeded random
+    (batch_size, sequence_length) batch, after `warmup` calls (graph mode: the first compiles). The timer of
+    `msnc dynabert select` and of `msnc compress`'s measurements."""
+    from mindspore import Tensor
+
+    ids = np.random.default_rng(seed).integers(1, vocab_size, (batch_size, sequence_length)).astype(np.int32)
+    inputs = (Tensor(ids), Tensor(np.ones_like(ids)), Tensor(np.zeros_like(ids)))
+    model.set_train(False)
+
+    def forward():
+        outputs = model(*inputs)
+        (outputs[0] if isinstance(outputs, tuple) else outputs).asnumpy()  # wait for the result
+
+    _Timer(forward).run(warmup)
+    timer = _Timer(forward)
+    timer.run(repeat)
+    return float(timer.summary()["median_ms"])
+
+
 def _mindspore_cases(weights, variant: str, batch_sizes: Sequence[int], seq: int, train: bool, seed: int,
                      dropout_impl: str) -> Dict[str, Callable[[], None]]:
     from mindspore import Tensor

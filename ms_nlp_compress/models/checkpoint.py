@@ -662,6 +662,12 @@ def load_weights(cell: nn.Cell, weights: Dict[str, np.ndarray], strict: bool = T
     return report
 
 
+def directory_bytes(directory: Union[str, Path]) -> int:
+    """Bytes of a model directory as it would be copied to a device: every file under it, recursively
+    (model.safetensors, config, tokenizer files, and any sub-folder such as a Lite converter config)."""
+    return sum(item.stat().st_size for item in Path(directory).rglob("*") if item.is_file())
+
+
 def is_run_state(name: str) -> bool:
     """Parameters that are training-run state rather than weights (saved in training checkpoints only)."""
     return name.endswith("rng_counter")

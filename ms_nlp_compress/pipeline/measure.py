@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
-import numpy as np
 
 from ms_nlp_compress.atomic import write_text_atomic
+from ms_nlp_compress.config import config_to_dict
 from ms_nlp_compress.pipeline.config import MeasureConfig
 
 Log = Callable[[str], None]
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(item.stat().st_size for item in Path(path).rglob("*") if item.is_file())
 
 
 def model_fingerprint(model_dir: Path) -> str:
@@ -37,42 +32,19 @@ def model_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def time_forward(model, batch_size: int, sequence_length: int, vocab_size: int, repeat: int) -> float:
-    """Median milliseconds of one inference call (graph mode: the first call compiles and is not timed)."""
-    from mindspore import Tensor
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, vocab_size, (batch_size, sequence_length)).astype(np.int32)
-    inputs = (Tensor(ids), Tensor(np.ones_like(ids)), Tensor(np.zeros_like(ids)))
-    model.set_train(False)
-
-    def call():
-        output = model(*inputs)
-        (output[0] if isinstance(output, tuple) else output).asnumpy()  # wait for the result
-
-    call()
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000.0)
-    return float(statistics.median(times))
-
-
-def parameter_count(model) -> int:
-    return int(sum(int(np.prod(param.shape)) for param in model.get_parameters()))
-
-
 def measure_model(label: str, model_dir: Path, eval_config, measure: MeasureConfig, out_dir: Path,
                   log: Log = print) -> Dict:
     """Measure one model directory (see the module docstring); returns and writes the record."""
+    from ms_nlp_compress.bench.latency import forward_latency_ms
+    from ms_nlp_compress.compress.distill.run import parameter_count
+    from ms_nlp_compress.models.checkpoint import directory_bytes
     from ms_nlp_compress.train.finetune import encode, evaluate_classifier, evaluate_test_split, load_for_inference
     from ms_nlp_compress.train.finetune import read_split
 
     model_dir = Path(model_dir)
     record_path = out_dir / f"{label}.json"
     fingerprint = model_fingerprint(model_dir)
-    settings = {"measure": json.loads(json.dumps(measure.__dict__)),
+    settings = {"measure": config_to_dict(measure),
                 "data": {key: getattr(eval_config.data, key) for key in
                          ("task", "data_dir", "eval_limit", "max_length")}}
     if record_path.is_file():
@@ -101,8 +73,8 @@ def measure_model(label: str, model_dir: Path, eval_config, measure: MeasureConf
         log(f"  {label}: dev {record['dev']}  test {record.get('test')}")
     latency = {}
     for batch_size in measure.batch_sizes:
-        latency[str(batch_size)] = round(time_forward(model, batch_size, measure.sequence_length,
-                                                      config.vocab_size, measure.repeat), 3)
+        latency[str(batch_size)] = round(forward_latency_ms(model, batch_size, measure.sequence_length,
+                                                            config.vocab_size, measure.repeat), 3)
     record["latency_ms"] = latency
     record["latency_shape"] = {"sequence_length": measure.sequence_length, "repeat": measure.repeat}
     log(f"  {label}: latency (ms, sequence {measure.sequence_length}) "

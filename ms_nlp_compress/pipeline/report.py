@@ -21,8 +21,14 @@ SEED_HEADLINES = [
 ]
 
 
-def _read(path: Path) -> Optional[Dict]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def read_record(path: Path) -> Optional[Dict]:
+    """A pipeline JSON record, or None when absent; a corrupt one is an error naming the file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MsncError(f"{path}: unreadable pipeline record ({err}); move the folder away to redo the stage")
 
 
 def _metric(metrics: Optional[Dict]) -> Optional[float]:
@@ -37,14 +43,14 @@ def _metric(metrics: Optional[Dict]) -> Optional[float]:
 
 def collect(run_dir: Path) -> Dict:
     run_dir = Path(run_dir)
-    pipeline = _read(run_dir / "pipeline.json")
+    pipeline = read_record(run_dir / "pipeline.json")
     if pipeline is None:
         raise MsncError(f"{run_dir}: no pipeline.json (not a `msnc compress` run folder)")
     rows: List[Dict] = []
     stages = []
     for stage in pipeline["stages"]:
         stage_dir = run_dir / stage["name"]
-        record = _read(stage_dir / "pipeline_stage.json")
+        record = read_record(stage_dir / "pipeline_stage.json")
         stages.append({"name": stage["name"], "kind": stage["kind"],
                        "seconds": record.get("seconds") if record else None,
                        "status": "done" if record or stage["kind"] == "model" else "not finished"})

@@ -25,20 +25,12 @@ from ms_nlp_compress.config import config_to_dict, load_config
 from ms_nlp_compress.errors import ConfigError, MsncError
 from ms_nlp_compress.pipeline.config import PipelineConfig, StageSpec, stage_config_path
 from ms_nlp_compress.pipeline.measure import measure_model, model_fingerprint
+from ms_nlp_compress.pipeline.report import build_report, read_record
 from ms_nlp_compress.pipeline.stages import stage_kind
 
 Log = Callable[[str], None]
 STAGE_RECORD = "pipeline_stage.json"
 STARTED_RECORD = "pipeline_started.json"
-
-
-def _read_json(path: Path) -> Optional[Dict]:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise MsncError(f"{path}: unreadable pipeline record ({err}); move the folder away to redo the stage")
 
 
 def _resolve(path: str) -> Path:
@@ -85,8 +77,6 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
                  stop_after: Optional[str] = None, measure: bool = True) -> Dict:
     """Run (or skip, or resume) every enabled stage, then measure every produced model and write the report.
     `stop_after`: a stage name to stop after (tests, partial runs). Returns the report dictionary."""
-    from ms_nlp_compress.pipeline.report import build_report
-
     pipeline_file = Path(pipeline_file)
     pipeline = load_pipeline(pipeline_file, overrides)
     run_dir = _resolve(pipeline.run_dir)
@@ -115,13 +105,14 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
             if eval_config is None:
                 eval_config = config
             identity = stage_hash(stage.kind, config, input_fingerprint, stage.options)
-            done = _read_json(stage_dir / STAGE_RECORD)
+            done = read_record(stage_dir / STAGE_RECORD)
             if done is not None and done.get("stage_hash") == identity:
                 report = done["report"]
                 log(f"{header}: done before with this config and input ({done.get('seconds', 0):.0f} s then); "
                     "skipped")
+                outputs = kind.outputs(stage_dir, report)
             else:
-                started = _read_json(stage_dir / STARTED_RECORD)
+                started = read_record(stage_dir / STARTED_RECORD)
                 if stage_dir.exists() and (done is not None or started is None
                                            or started.get("stage_hash") != identity or not resume):
                     log(f"{header}: config or input changed since {stage_dir} was made")
@@ -139,7 +130,6 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
                     "input_fingerprint": input_fingerprint, "report": report, "seconds": round(seconds, 1),
                     "outputs": [[label, str(path)] for label, path in outputs]}, indent=2, default=str))
                 log(f"{header}: finished in {seconds:.0f} s")
-            outputs = kind.outputs(stage_dir, report)
         for label, path in outputs:
             if not Path(path).is_dir():
                 raise MsncError(f"stage {stage.name!r}: expected model directory {path} is missing (move "

@@ -18,7 +18,6 @@ MindSpore is imported inside the command, so `msnc --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -219,21 +218,3 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"))
     parser.add_argument("--threads", type=int, default=None, help="CPU op threads")
     parser.set_defaults(func=run_augment)
-
-
-def main(argv=None) -> int:
-    """`python -m ms_nlp_compress.compress.distill.commands augment|distill ...` (the same as `msnc ...`)."""
-    from ms_nlp_compress.errors import MsncError
-
-    parser = argparse.ArgumentParser(prog="msnc")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except MsncError as err:
-        print(f"msnc: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -101,12 +101,7 @@ class DistillConfig:
 
     def stage_train(self, train: TrainConfig, stage: str, prefix: str = "distill") -> TrainConfig:
         """The `train:` section with `<stage>_train`'s keys overridden (typed and validated; errors name the key)."""
-        key = f"{stage}_train"
-        overrides = getattr(self, key)
-        typed = from_mapping(TrainConfig, overrides, f"{prefix}.{key} (overrides of train:)", f"{prefix}.{key}")
-        resolved = dataclasses.replace(train, **{name: getattr(typed, name) for name in overrides})
-        resolved.validate(f"{prefix}.{key}")
-        return resolved
+        return train_overrides(train, getattr(self, f"{stage}_train"), f"{prefix}.{stage}_train")
 
     # ------------------------------------------------------------------------------------------------------------
     def uses_hidden(self) -> bool:
@@ -197,4 +192,4 @@ class AugmentConfig:
 
 # ms_nlp_compress.config binds this module's classes at its own end, so this import comes last: whichever of the two
 # modules is imported first, the other then finds every name it needs already defined.
-from ms_nlp_compress.config import NezhaConfig, TrainConfig, from_mapping  # noqa: E402
+from ms_nlp_compress.config import NezhaConfig, TrainConfig, train_overrides  # noqa: E402

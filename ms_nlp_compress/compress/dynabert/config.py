@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
-from ms_nlp_compress.config import TrainConfig, from_mapping
+from ms_nlp_compress.config import TrainConfig, from_mapping, train_overrides
 from ms_nlp_compress.errors import ConfigError
 
 STAGES = ("width", "width_depth")  # DynaBERT_W (stage 1), DynaBERT (stage 2)
@@ -87,12 +87,7 @@ class DynaBertConfig:
 
     def stage_train(self, train: TrainConfig, stage: str, prefix: str = "dynabert") -> TrainConfig:
         """The `train:` section with `<stage>_train`'s keys overridden (typed and validated; errors name the key)."""
-        key = f"{stage}_train"
-        overrides = getattr(self, key)
-        typed = from_mapping(TrainConfig, overrides, f"{prefix}.{key} (overrides of train:)", f"{prefix}.{key}")
-        resolved = dataclasses.replace(train, **{name: getattr(typed, name) for name in overrides})
-        resolved.validate(f"{prefix}.{key}")
-        return resolved
+        return train_overrides(train, getattr(self, f"{stage}_train"), f"{prefix}.{stage}_train")
 
     def for_stage(self, stage: str) -> "DynaBertConfig":
         """This section with `stage` set (what `build_loss` reads)."""

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ms_nlp_compress.atomic import write_text_atomic
+from ms_nlp_compress.bench.latency import forward_latency_ms
 from ms_nlp_compress.compress.distill.run import MODEL_INPUTS, encoder_flops, final_losses
 from ms_nlp_compress.config import ExperimentConfig
 from ms_nlp_compress.errors import ConfigError, DataError
@@ -458,28 +459,6 @@ def choose(candidates: Sequence[Dict], latency_ms: float, metric: str = "acc") -
     return max(fitting, key=lambda c: (c["dev"][metric], -c["latency_ms"]))
 
 
-def measure_latency(model, batch_size: int, sequence_length: int, vocab_size: int, repeat: int = 5,
-                    warmup: int = 2, seed: int = 0) -> float:
-    """Median milliseconds of one forward of `model` on a (batch_size, sequence_length) batch (the `msnc bench`
-    timer), after `warmup` calls (the first compiles)."""
-    from mindspore import Tensor
-
-    from ms_nlp_compress.bench.latency import _Timer  # pylint: disable=protected-access
-
-    ids = np.random.default_rng(seed).integers(1, vocab_size, (batch_size, sequence_length)).astype(np.int32)
-    inputs = (Tensor(ids), Tensor(np.ones_like(ids)), Tensor(np.zeros_like(ids)))
-    model.set_train(False)
-
-    def forward():
-        outputs = model(*inputs)
-        (outputs[0] if isinstance(outputs, tuple) else outputs).asnumpy()
-
-    _Timer(forward).run(warmup)
-    timer = _Timer(forward)
-    timer.run(repeat)
-    return float(timer.summary()["median_ms"])
-
-
 def run_select(config: ExperimentConfig, latency_ms: float, batch_size: int, model: Optional[str] = None,
                sequence_length: Optional[int] = None, repeat: int = 5,
                measure: Optional[Callable[[Path, Dict], float]] = None, log=print) -> Dict:
@@ -506,7 +485,8 @@ def run_select(config: ExperimentConfig, latency_ms: float, batch_size: int, mod
             latency = float(measure(target, entry))
         else:
             extracted, document = load_model_dir(target)
-            latency = measure_latency(extracted, batch_size, length, extracted.bert.config.vocab_size, repeat)
+            latency = forward_latency_ms(extracted, batch_size, length, extracted.bert.config.vocab_size,
+                                         repeat)
         candidates.append(dict(entry, latency_ms=round(latency, 3), model_dir=str(target)))
         log(f"select: {entry['name']}: {latency:.1f} ms per batch of {batch_size} x {length}, dev acc "
             f"{entry['dev']['acc']:.4f}")

@@ -164,21 +164,3 @@ def add_parser(subparsers) -> None:
     latency.add_argument("--threads", type=int, default=None, help="MindSpore CPU op threads")
     latency.add_argument("--save", type=Path, default=None, help="also write the JSON result to this file")
     latency.set_defaults(func=run_latency_command)
-
-
-def main(argv=None) -> int:
-    """`python -m ms_nlp_compress.compress.quant.commands quantize ...` (the same as `msnc quantize ...`)."""
-    from ms_nlp_compress.errors import MsncError
-
-    parser = argparse.ArgumentParser(prog="msnc")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except MsncError as err:
-        print(f"msnc: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

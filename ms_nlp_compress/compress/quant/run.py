@@ -165,6 +165,8 @@ def export_and_check(context: Context, deployed, fake_quant, log, atol: float = 
 
         load_weights(teacher, context.teacher_weights, source=str(context.teacher_dir), fresh=())
         fp32_path = export_mindir(inference_wrapper(teacher, "classifier"), context.output_dir / FP32_MINDIR_STEM)
+    from ms_nlp_compress.models.checkpoint import directory_bytes
+
     best = context.output_dir / BEST_DIR
     directory = safetensors_report(best)
     fp32_directory = safetensors_report(context.teacher_dir)
@@ -179,16 +181,12 @@ def export_and_check(context: Context, deployed, fake_quant, log, atol: float = 
                                               "per_shape": {f"{b}x{l}": d for (b, l), d in
                                                             check.max_differences.items()}},
               "size": {"model_dir_weights": _size_entry(directory, fp32_directory),
-                       "model_dir_total_bytes": _dir_bytes(best),
-                       "fp32_model_dir_total_bytes": _dir_bytes(context.teacher_dir),
+                       "model_dir_total_bytes": directory_bytes(best),
+                       "fp32_model_dir_total_bytes": directory_bytes(context.teacher_dir),
                        "mindir": _size_entry(mindir, fp32_mindir)}}
     if context.rank == 0:
         write_text_atomic(done, json.dumps(result, indent=2))
     return result
-
-
-def _dir_bytes(directory: Path) -> int:
-    return sum(entry.stat().st_size for entry in Path(directory).iterdir() if entry.is_file())
 
 
 def _final_report(context: Context, kind: str, stages: Dict, export: Dict, log) -> Dict:

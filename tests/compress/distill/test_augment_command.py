@@ -1,7 +1,7 @@
 """`msnc augment` end to end on a tiny saved masked-LM directory: both routes, originals kept, deterministic."""
 import mindspore as ms
 
-from ms_nlp_compress.compress.distill.commands import main
+from ms_nlp_compress.cli import main
 from ms_nlp_compress.config import NezhaConfig
 from ms_nlp_compress.data.augment import split_words
 from ms_nlp_compress.data.tokenization import WordPieceTokenizer
