@@ -41,6 +41,36 @@ def _metric(metrics: Optional[Dict]) -> Optional[float]:
     return float(next(iter(metrics.values())))
 
 
+BUDGET_FILE = "deploy_budget.json"
+
+
+def choose_for_budget(rows: List[Dict], latency_ms: float, batch_size: int) -> Dict:
+    """The deployable choice under a latency budget: of the measured models whose median latency at `batch_size`
+    is within `latency_ms` on this machine, the one with the best dev metric (ties: the faster, then the smaller).
+    Every model the pipeline produced competes: DynaBERT sub-networks and bit widths alike."""
+    if not latency_ms > 0:
+        raise MsncError(f"--latency-ms must be > 0, got {latency_ms}")
+    key = str(int(batch_size))
+    timed = [row for row in rows if key in row.get("latency_ms", {})]
+    if not timed:
+        measured = sorted({size for row in rows for size in row.get("latency_ms", {})}, key=int)
+        raise MsncError(f"no model was timed at batch {batch_size} (measured batch sizes: "
+                        f"{', '.join(measured) or 'none'}); add it to measure.batch_sizes and rerun")
+    fits = [row for row in timed if row["latency_ms"][key] <= latency_ms and row.get("dev_metric") is not None]
+    result = {"latency_ms": float(latency_ms), "batch_size": int(batch_size),
+              "fits": [row["label"] for row in fits], "chosen": None}
+    if not fits:
+        fastest = min(timed, key=lambda row: row["latency_ms"][key])
+        result["reason"] = (f"no model within {latency_ms:g} ms at batch {batch_size}; the fastest is "
+                            f"{fastest['label']} at {fastest['latency_ms'][key]:.1f} ms")
+        return result
+    best = max(fits, key=lambda row: (row["dev_metric"], -row["latency_ms"][key], -row["model_dir_bytes"]))
+    result.update(chosen=best["label"], dev=best["dev_metric"], test=best.get("test_metric"),
+                  chosen_latency_ms=best["latency_ms"][key], model_dir=best.get("model_dir"),
+                  reason=f"best dev of {len(fits)} model(s) within the budget")
+    return result
+
+
 def collect(run_dir: Path) -> Dict:
     run_dir = Path(run_dir)
     pipeline = read_record(run_dir / "pipeline.json")
@@ -73,8 +103,12 @@ def collect(run_dir: Path) -> Dict:
             row["speedup"] = {size: reference["latency_ms"][size] / value
                               for size, value in row.get("latency_ms", {}).items()
                               if size in reference.get("latency_ms", {}) and value > 0}
-    return {"name": pipeline["name"], "run_dir": str(run_dir), "stages": stages, "models": rows,
-            "measure": pipeline.get("measure"), "seed_headlines": SEED_HEADLINES}
+    report = {"name": pipeline["name"], "run_dir": str(run_dir), "stages": stages, "models": rows,
+              "measure": pipeline.get("measure"), "seed_headlines": SEED_HEADLINES}
+    budget = read_record(run_dir / BUDGET_FILE)
+    if budget is not None and rows:
+        report["deploy_choice"] = choose_for_budget(rows, budget["latency_ms"], budget["batch_size"])
+    return report
 
 
 def pareto_front(points):
@@ -152,6 +186,17 @@ def markdown(report: Dict, plots: List[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Ratios are against the first model. Latency: median of the measured calls at sequence {seq} on "
               "the machine that ran the pipeline (graph mode, the stage config's CPU threads).", ""]
+    choice = report.get("deploy_choice")
+    if choice:
+        lines += ["## Deploy choice", "",
+                  f"Budget: {choice['latency_ms']:g} ms a call at batch {choice['batch_size']} on this machine "
+                  f"(sequence {seq}). Within it: {', '.join(choice['fits']) or 'none'}."]
+        if choice["chosen"]:
+            lines += [f"Chosen: **{choice['chosen']}** (dev {_fmt(choice['dev'])}, test {_fmt(choice.get('test'))}, "
+                      f"{choice['chosen_latency_ms']:.1f} ms): `{choice['model_dir']}`."]
+        else:
+            lines += [f"Chosen: none ({choice['reason']})."]
+        lines += [""]
     lines += ["## Stages", "", "| stage | kind | status | wall s |", "|---|---|---|---|"]
     for stage in report["stages"]:
         lines.append(f"| {stage['name']} | {stage['kind']} | {stage['status']} | {_fmt(stage['seconds'], 0)} |")
@@ -161,6 +206,12 @@ def markdown(report: Dict, plots: List[str]) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def set_budget(run_dir: Path, latency_ms: float, batch_size: int) -> None:
+    """Keep the deploy budget with the run, so `msnc report RUN_DIR` rebuilds the same choice."""
+    write_text_atomic(Path(run_dir) / BUDGET_FILE,
+                      json.dumps({"latency_ms": float(latency_ms), "batch_size": int(batch_size)}))
 
 
 def build_report(run_dir: Path) -> Dict:

@@ -27,7 +27,9 @@ import quant_tiny  # noqa: E402
 from ms_nlp_compress.cli import main as msnc  # noqa: E402
 from ms_nlp_compress.errors import ConfigError  # noqa: E402
 from ms_nlp_compress.models.checkpoint import read_model_dir  # noqa: E402
-from ms_nlp_compress.pipeline.report import build_report, pareto_front  # noqa: E402
+from ms_nlp_compress.pipeline.commands import budget_overrides  # noqa: E402
+from ms_nlp_compress.pipeline.report import build_report, choose_for_budget, pareto_front  # noqa: E402
+from ms_nlp_compress.pipeline.runner import load_pipeline  # noqa: E402
 from ms_nlp_compress.pipeline.runner import run_pipeline  # noqa: E402
 from ms_nlp_compress.train.finetune import run_eval  # noqa: E402
 
@@ -177,6 +179,54 @@ def test_pareto_front_against_brute_force():
     expected = [i for i, (x, y) in enumerate(points)
                 if not any(ox <= x and oy >= y and (ox, oy) != (x, y) for ox, oy in points)]
     assert pareto_front(points) == expected
+
+
+def test_deploy_choice_under_a_latency_budget_is_read_from_the_artifacts(tiny):
+    folder, _, _, _ = tiny
+    run = folder / "copy_for_budget"
+    shutil.copytree(folder / "run", run, ignore=shutil.ignore_patterns("*_mindir", "checkpoints"))
+    # independent reading of the measurements: (label, dev accuracy, latency at batch 4)
+    measured = {}
+    for path in run.glob("*/measure/*.json"):
+        record = json.loads(path.read_text())
+        measured[record["label"]] = (record["dev"]["acc"], record["latency_ms"]["4"], path)
+    teacher, student = measured["teacher"], measured["tinybert"]
+    # a budget both fit: the more accurate wins; one only the faster fits: it wins; none fits: no choice
+    generous = 2 * max(teacher[1], student[1])
+    assert msnc(["report", str(run), "--latency-ms", str(generous), "--batch-size", "4"]) == 0
+    choice = json.loads((run / "report.json").read_text())["deploy_choice"]
+    assert choice["chosen"] == max(measured, key=lambda label: (measured[label][0], -measured[label][1]))
+    assert set(choice["fits"]) == {"teacher", "tinybert"}
+    # edit the artifacts: the teacher becomes slower than the budget -> the student is chosen; the budget file
+    # is kept with the run, so a plain `msnc report` rebuilds the same choice
+    record = json.loads(teacher[2].read_text())
+    record["latency_ms"]["4"] = 3 * generous
+    teacher[2].write_text(json.dumps(record))
+    assert msnc(["report", str(run)]) == 0
+    rebuilt = json.loads((run / "report.json").read_text())["deploy_choice"]
+    assert rebuilt["chosen"] == "tinybert" and rebuilt["fits"] == ["tinybert"]
+    assert "Chosen: **tinybert**" in (run / "report.md").read_text()
+    assert msnc(["report", str(run), "--latency-ms", str(student[1] / 2), "--batch-size", "4"]) == 0
+    none = json.loads((run / "report.json").read_text())["deploy_choice"]
+    assert none["chosen"] is None and "the fastest is tinybert" in none["reason"]
+    assert msnc(["report", str(run), "--latency-ms", "5", "--batch-size", "7"]) == 2  # batch 7 was never timed
+
+
+def test_choice_against_brute_force_and_budget_overrides(tiny):
+    folder, config, _, _ = tiny
+    rng = np.random.default_rng(1)
+    rows = [{"label": f"m{i}", "dev_metric": float(rng.integers(0, 4)), "latency_ms": {"1": float(rng.integers(1, 9))},
+             "model_dir_bytes": int(rng.integers(1, 5))} for i in range(20)]
+    for budget in (0.5, 3, 5, 9):
+        fits = [row for row in rows if row["latency_ms"]["1"] <= budget]
+        best = sorted(fits, key=lambda r: (-r["dev_metric"], r["latency_ms"]["1"], r["model_dir_bytes"]))[:1]
+        assert choose_for_budget(rows, budget, 1)["chosen"] == (best[0]["label"] if best else None)
+    # `msnc compress --latency-ms 20 --batch-size 2`: DynaBERT stages select within the budget, batch 2 is timed
+    later = pipeline_file(folder, "run_budget", later=LATER_STAGES)
+    resolved = load_pipeline(later, budget_overrides(later, [], 20, 2))
+    stage = {spec.name: spec for spec in resolved.specs()}["dynabert"]
+    assert stage.options == {"latency_ms": 20.0, "batch_size": 2, "sequence_length": 12}
+    assert resolved.measure.batch_sizes == [1, 2, 4]
 
 
 def test_changed_stage_config_reruns_that_stage_and_later_ones_only(tiny):
