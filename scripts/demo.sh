@@ -11,6 +11,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(bash "$ROOT/scripts/setup_env.sh" test)"
 export PATH="$VENV/bin:$PATH"   # msrun workers start `python` from PATH
+export GLOG_v="${GLOG_v:-3}"    # MindSpore: errors only (its graph-compiler warnings are noise here; GLOG_v=2 shows them)
 cd "$ROOT"
 RUN_DIR="${RUN_DIR:-runs/compress_vader_cpu}"
 msnc data fetch

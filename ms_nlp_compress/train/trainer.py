@@ -325,6 +325,9 @@ class Trainer:
                     if hasattr(self.reducer, "comm_stats"):  # bytes handed to the collectives, exchanges so far
                         record.update(self.reducer.comm_stats())
                     self._write_metrics(record)
+                    if progress.disable:  # no terminal (a log file, CI): the bar is off, so a line per log_every
+                        self.log(f"train {updates}/{self.updates_total}: loss {record['loss']:.4f}, lr "
+                                 f"{record['lr']:.3g}, {record['seconds']:.0f} s")
                     losses = []
                     component_sums = {}
                 if self.train.eval_every and updates % self.train.eval_every == 0:
