@@ -102,7 +102,7 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
             log(f"{header}: {model_dir}")
         else:
             config = resolve_stage_config(pipeline_file, stage, stage_dir, input_dir)
-            if eval_config is None:
+            if eval_config is None and kind.measured:
                 eval_config = config
             identity = stage_hash(stage.kind, config, input_fingerprint, stage.options)
             done = read_record(stage_dir / STAGE_RECORD)
@@ -134,7 +134,8 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
             if not Path(path).is_dir():
                 raise MsncError(f"stage {stage.name!r}: expected model directory {path} is missing (move "
                                 f"{stage_dir} away to redo the stage)")
-            produced.append((stage.name, label, Path(path)))
+            if kind.measured:
+                produced.append((stage.name, label, Path(path)))
         input_dir = outputs[0][1]
         input_fingerprint = model_fingerprint(input_dir)
         if stop_after == stage.name:

@@ -31,6 +31,7 @@ class StageKind:
     needs_input: bool = False  # a stage that cannot run without a previous stage's model
     description: str = ""
     option_keys: Tuple[str, ...] = ()  # the keys its `options:` may hold
+    measured: bool = True  # False: its model is passed on but not measured or reported (a pre-trained encoder)
 
 
 _KINDS: Dict[str, StageKind] = {}
@@ -86,7 +87,8 @@ def _register_builtins() -> None:
     register_stage(StageKind(
         "distill_task", _run_distill_task, best_dir, input_keys=("distill.teacher",), needs_input=True,
         description="msnc distill task: TinyBERT stage 1 + 2 from the previous model as teacher"))
-    for module in ("ms_nlp_compress.compress.dynabert.pipeline_stage", "ms_nlp_compress.compress.quant.pipeline_stage"):
+    for module in ("ms_nlp_compress.compress.dynabert.pipeline_stage", "ms_nlp_compress.compress.quant.pipeline_stage",
+                   "ms_nlp_compress.train.pipeline_stage"):
         _register_optional(module)
 
 
