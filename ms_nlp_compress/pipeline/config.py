@@ -8,6 +8,7 @@ stages:                     # in order; each key is the stage's folder under run
   teacher: {kind: finetune, config: vader_sst2_cpu.yaml}
   tinybert: {kind: distill_task, config: tinybert_vader_cpu.yaml}
 measure: {batch_sizes: [1, 32], sequence_length: 128}
+launch: {workers: 1}        # data parallel: a stage with workers > 1 runs under msrun (per stage: stages.<name>.launch)
 ```
 
 Stages are a mapping, not a list, so `--set stages.tinybert.enabled=false` or
@@ -16,14 +17,45 @@ Stages are a mapping, not a list, so `--set stages.tinybert.enabled=false` or
 Stage config paths are relative to the pipeline file. Each stage's `output_dir` is `run_dir/<name>`, and its input
 model (the teacher of a distillation, the model DynaBERT or QAT start from) is the previous stage's output model:
 the pipeline sets those keys, so the stage configs need not know where they run.
+
+`launch:` (and a stage's own `launch:`, which overrides it key by key) says how many data-parallel ranks run a
+stage: `workers` unset takes the stage config's `parallel.world_size`; set, it becomes that key of the stage
+config (so it is part of the stage's identity: N ranks with per-rank batch b are not bit-identical to one process).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ms_nlp_compress.errors import ConfigError
+
+
+@dataclass
+class LaunchConfig:
+    """How a stage runs: in the pipeline's process (1 worker) or under msrun with `workers` ranks on this node."""
+
+    workers: Optional[int] = None  # None: the stage config's parallel.world_size (1 unless it says otherwise)
+    master_port: Optional[int] = None  # msrun's master port; None: the stage config's parallel.master_port
+    timeout_seconds: Optional[float] = None  # stop a stage's msrun after this long (None: no limit)
+
+    def validate(self, prefix: str = "launch") -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"{prefix}.workers: at least 1, got {self.workers}")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ConfigError(f"{prefix}.master_port: not a port: {self.master_port}")
+        if self.timeout_seconds is not None and self.timeout_seconds <= 0:
+            raise ConfigError(f"{prefix}.timeout_seconds: must be > 0, got {self.timeout_seconds:g}")
+
+    def merged(self, overrides: Dict[str, Any], prefix: str) -> "LaunchConfig":
+        """This launch with a stage's `launch:` keys replaced, typed and validated (errors name `prefix.<key>`)."""
+        from ms_nlp_compress.config import from_mapping
+
+        typed = from_mapping(LaunchConfig, overrides, prefix)
+        resolved = dataclasses.replace(self, **{name: getattr(typed, name) for name in overrides})
+        resolved.validate(prefix)
+        return resolved
 
 
 @dataclass
@@ -34,6 +66,7 @@ class StageSpec:
     model: Optional[str] = None  # kind `model`: an existing model directory taken as this stage's output
     enabled: bool = True  # false: the stage is skipped and the next one takes this stage's input
     options: Dict[str, Any] = field(default_factory=dict)  # the kind's own choices (e.g. dynabert width/depth)
+    launch: Dict[str, Any] = field(default_factory=dict)  # LaunchConfig keys replacing the pipeline's `launch:`
     name: str = field(default="", metadata={"internal": True})  # its key in `stages` (set on load)
 
     def validate(self, prefix: str) -> None:
@@ -46,6 +79,8 @@ class StageSpec:
         if self.kind == "model":
             if not self.model:
                 raise ConfigError(f"{prefix}.model: kind `model` needs the model directory to take")
+            if self.launch:
+                raise ConfigError(f"{prefix}.launch: kind `model` runs nothing, so it has no launch")
         elif not self.config:
             raise ConfigError(f"{prefix}.config: kind {self.kind!r} needs its experiment config file")
         from ms_nlp_compress.pipeline.stages import stage_kind
@@ -83,6 +118,10 @@ class PipelineConfig:
     run_dir: str = "runs/compress"
     stages: Dict[str, Any] = field(default_factory=dict)  # name -> StageSpec keys (typed in `specs`)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # every stage's; `stages.<name>.launch` overrides
+
+    def stage_launch(self, stage: StageSpec) -> LaunchConfig:
+        return self.launch.merged(stage.launch, f"stages.{stage.name}.launch")
 
     def specs(self) -> List[StageSpec]:
         """The stages in file order, type-checked (errors name `stages.<name>.<key>`)."""
@@ -102,10 +141,16 @@ class PipelineConfig:
 
         if not self.stages:
             raise ConfigError("stages: the pipeline has no stage")
+        self.launch.validate("launch")
         for stage in self.specs():
             where = f"stages.{stage.name}"
-            stage_kind(stage.kind, where)  # unknown kinds are errors naming the key and the known kinds
+            kind = stage_kind(stage.kind, where)  # unknown kinds are errors naming the key and the known kinds
             stage.validate(where)
+            launch = self.stage_launch(stage)
+            if kind.run is not None and (launch.workers or 1) > 1 and kind.run_parallel is None:
+                key = f"{where}.launch.workers" if "workers" in stage.launch else "launch.workers"
+                raise ConfigError(f"{key}: kind {stage.kind!r} has no data-parallel launch; run stage "
+                                  f"{stage.name!r} with `launch: {{workers: 1}}`")
         enabled = [stage for stage in self.specs() if stage.enabled]
         if not enabled:
             raise ConfigError("stages: every stage is disabled")

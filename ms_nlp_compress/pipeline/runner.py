@@ -4,11 +4,18 @@ and so do the stages after it whose input model changed. Then every produced mod
 written.
 
 A stage's identity (`stage_hash`) is the sha256 of its kind, its resolved config (without `output_dir`, which the
-pipeline sets) and the fingerprint of its input model (the previous stage's output files). Records:
+pipeline sets) and the fingerprint of its input model (the previous stage's output files). The number of ranks
+is `parallel.world_size` of that config, so it is part of the identity; the msrun port and time-out are not.
+
+A stage whose launch has more than one worker runs its kind's `run_parallel`: the data-parallel command under
+msrun (`msrun ... scripts/msnc_entry.py <command> --config <the stage's file> --set <the same overrides>`, so every
+rank resolves exactly the config this process hashed), the rest in this process. Only this process decides what to
+skip, resume or move aside; ranks never do. Records:
 
     run_dir/pipeline.json                 the stage list of the last invocation (the report reads it)
     run_dir/<stage>/pipeline_started.json the stage_hash of the run in progress (resume only with the same hash)
     run_dir/<stage>/pipeline_stage.json   the finished stage: stage_hash, its command's report, outputs, seconds
+    run_dir/<stage>/msrun_log/            a data-parallel stage's msrun.log and worker_<rank>.log
     run_dir/previous/<stage>.<time>/      a stage folder replaced because its config or input changed
 """
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.config import config_to_dict, load_config
 from ms_nlp_compress.errors import ConfigError, MsncError
-from ms_nlp_compress.pipeline.config import PipelineConfig, StageSpec, stage_config_path
+from ms_nlp_compress.pipeline.config import LaunchConfig, PipelineConfig, StageSpec, stage_config_path
 from ms_nlp_compress.pipeline.measure import measure_model, model_fingerprint
 from ms_nlp_compress.pipeline.report import build_report, read_record
 from ms_nlp_compress.pipeline.stages import stage_kind
@@ -31,6 +38,7 @@ from ms_nlp_compress.pipeline.stages import stage_kind
 Log = Callable[[str], None]
 STAGE_RECORD = "pipeline_stage.json"
 STARTED_RECORD = "pipeline_started.json"
+MSRUN_LOG = "msrun_log"
 
 
 def _resolve(path: str) -> Path:
@@ -60,17 +68,52 @@ def load_pipeline(path: Path, overrides: Sequence[str] = ()) -> PipelineConfig:
     return load_config(path, overrides, cls=PipelineConfig)
 
 
-def resolve_stage_config(pipeline_file: Path, stage: StageSpec, stage_dir: Path, input_dir: Optional[Path]):
+def stage_overrides(stage: StageSpec, stage_dir: Path, input_dir: Optional[Path],
+                    workers: Optional[int] = None) -> List[str]:
+    """The `--set` overrides the pipeline adds to a stage's config file: the stage's own `set:`, its output folder,
+    its input model and, when the launch says how many, its ranks."""
     kind = stage_kind(stage.kind)
     overrides = list(stage.set) + [f"output_dir={stage_dir}"]
     if input_dir is not None:
         overrides += [f"{key}={input_dir}" for key in kind.input_keys]
     elif kind.needs_input:
         raise ConfigError(f"stage {stage.name!r} ({stage.kind}) needs the previous stage's model, and there is none")
+    if workers is not None:
+        overrides.append(f"parallel.world_size={workers}")
+    return overrides
+
+
+def resolve_stage_config(pipeline_file: Path, stage: StageSpec, stage_dir: Path, input_dir: Optional[Path],
+                         workers: Optional[int] = None):
     path = stage_config_path(pipeline_file, stage)
+    overrides = stage_overrides(stage, stage_dir, input_dir, workers)
     if not path.is_file():
         raise ConfigError(f"stage {stage.name!r}: config {path} not found")
     return load_config(path, overrides)
+
+
+def msrun_launcher(stage: StageSpec, config, pipeline_file: Path, overrides: Sequence[str], launch: LaunchConfig,
+                   stage_dir: Path, log: Log):
+    """The `launch` callable a kind's `run_parallel` gets: `launch(["distill", "task"])` runs that msnc command on
+    `parallel.world_size` ranks with the stage's config file and overrides; a failure names the stage and logs."""
+    from ms_nlp_compress.parallel.launch import msrun_command, parallel_settings, run_msrun
+
+    path = stage_config_path(pipeline_file, stage)
+    workers = config.parallel.world_size
+
+    def launch_command(command: Sequence[str]) -> None:
+        settings = parallel_settings(config.parallel, source=str(path), master_port=launch.master_port)
+        arguments = list(command) + ["--config", str(path)]
+        for item in overrides:
+            arguments += ["--set", item]
+        log_dir = stage_dir / MSRUN_LOG
+        argv = msrun_command(workers, arguments, settings, log_dir)
+        log(f"  msrun: `msnc {' '.join(command)}` on {workers} ranks (port {settings['MSNC_MASTER_PORT']}); "
+            f"rank logs in {log_dir}")
+        run_msrun(argv, log_dir, f"stage {stage.name!r} ({stage.kind}, `msnc {' '.join(command)}` on {workers} "
+                                 "ranks)", launch.timeout_seconds)
+
+    return launch_command
 
 
 def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: bool = True, log: Log = print,
@@ -101,7 +144,14 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
             outputs = kind.outputs(stage_dir, {"model": str(model_dir)})
             log(f"{header}: {model_dir}")
         else:
-            config = resolve_stage_config(pipeline_file, stage, stage_dir, input_dir)
+            launch = pipeline.stage_launch(stage)
+            overrides_of_stage = stage_overrides(stage, stage_dir, input_dir, launch.workers)
+            config = resolve_stage_config(pipeline_file, stage, stage_dir, input_dir, launch.workers)
+            workers = config.parallel.world_size
+            if workers > 1 and kind.run_parallel is None:
+                raise ConfigError(f"stage {stage.name!r}: {workers} ranks (parallel.world_size of its config), "
+                                  f"but kind {stage.kind!r} has no data-parallel launch; set "
+                                  f"stages.{stage.name}.launch.workers=1")
             if eval_config is None and kind.measured:
                 eval_config = config
             identity = stage_hash(stage.kind, config, input_fingerprint, stage.options)
@@ -120,9 +170,14 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
                 stage_dir.mkdir(parents=True, exist_ok=True)
                 resuming = (stage_dir / STARTED_RECORD).is_file()
                 write_text_atomic(stage_dir / STARTED_RECORD, json.dumps({"stage_hash": identity}))
-                log(f"{header}: {'resuming' if resuming else 'running'} -> {stage_dir}")
+                ranks = f" ({workers} ranks under msrun)" if workers > 1 else ""
+                log(f"{header}: {'resuming' if resuming else 'running'} -> {stage_dir}{ranks}")
                 began = time.perf_counter()
-                report = kind.run(config, resume, log, stage.options)
+                if workers > 1:
+                    report = kind.run_parallel(config, resume, log, stage.options, msrun_launcher(
+                        stage, config, pipeline_file, overrides_of_stage, launch, stage_dir, log))
+                else:
+                    report = kind.run(config, resume, log, stage.options)
                 seconds = time.perf_counter() - began
                 outputs = kind.outputs(stage_dir, report)
                 write_text_atomic(stage_dir / STAGE_RECORD, json.dumps({

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from ms_nlp_compress.pipeline.stages import StageKind, register_stage
+from ms_nlp_compress.pipeline.stages import StageKind, command_on_ranks, register_stage
 
 BACKBONE_DIR = "pretrained"  # what run_pretrain writes for fine-tuning (mlm/ keeps the MLM head)
 
@@ -26,4 +26,5 @@ def run_stage(config, resume: bool, log, options: Dict) -> Dict:
 
 register_stage(StageKind(
     "pretrain", run_stage, lambda stage_dir, report: [(stage_dir.name, stage_dir / BACKBONE_DIR)], measured=False,
-    description="msnc pretrain: a masked-LM backbone (pretrained/), passed on to a finetune stage, not measured"))
+    description="msnc pretrain: a masked-LM backbone (pretrained/), passed on to a finetune stage, not measured",
+    run_parallel=command_on_ranks("pretrain")))

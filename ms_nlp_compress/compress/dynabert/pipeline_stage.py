@@ -14,9 +14,23 @@ CHOSEN_DIR = "chosen"
 
 
 def run_stage(config, resume: bool, log, options: Dict) -> Dict:
-    from ms_nlp_compress.compress.dynabert.run import extract_to, run_grid, run_select, run_train, trained_model_dir
+    from ms_nlp_compress.compress.dynabert.run import run_train
 
-    report = {"train": run_train(config, resume=resume, log=log)}
+    return choose(config, run_train(config, resume=resume, log=log), log, options)
+
+
+def run_stage_parallel(config, resume: bool, log, options: Dict, launch) -> Dict:
+    """`msnc dynabert train` data parallel under msrun; grid, selection and extraction once, in this process."""
+    from ms_nlp_compress.pipeline.stages import read_results, resume_flag
+
+    launch(["dynabert", "train"] + resume_flag(resume))
+    return choose(config, read_results(config), log, options)
+
+
+def choose(config, train_report: Dict, log, options: Dict) -> Dict:
+    from ms_nlp_compress.compress.dynabert.run import extract_to, run_grid, run_select, trained_model_dir
+
+    report = {"train": train_report}
     grid = run_grid(config, log=log)
     report["grid"] = {key: grid[key] for key in grid if key != "entries"}
     if "latency_ms" in options:
@@ -36,4 +50,5 @@ register_stage(StageKind(
     "dynabert", run_stage, lambda stage_dir, report: [(stage_dir.name, stage_dir / CHOSEN_DIR)],
     input_keys=("dynabert.teacher_model",), needs_input=True,
     option_keys=("width", "depth", "latency_ms", "batch_size", "sequence_length"),
+    run_parallel=run_stage_parallel,
     description="msnc dynabert train + grid + select/extract: one sub-network passed on"))

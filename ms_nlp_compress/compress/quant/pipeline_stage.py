@@ -16,6 +16,19 @@ def run_stage(config, resume: bool, log, options: Dict) -> Dict:
     return run_quantize(config, resume=resume, log=log)
 
 
+def run_stage_parallel(config, resume: bool, log, options: Dict, launch) -> Dict:
+    """`msnc quantize` under msrun: QAT data parallel; rank 0 alone converts, exports and writes results.json."""
+    from ms_nlp_compress.errors import ConfigError
+    from ms_nlp_compress.pipeline.stages import read_results, resume_flag
+
+    if options.get("ptq", False):  # every rank would export the same files: nothing here is data parallel
+        raise ConfigError("options.ptq: post-training quantization trains nothing, so it has no data-parallel "
+                          "launch; give this stage `launch: {workers: 1}`")
+    launch(["quantize"] + resume_flag(resume))
+    return read_results(config)
+
+
 register_stage(StageKind(
     "quantize", run_stage, best_dir, input_keys=("distill.teacher",), needs_input=True, option_keys=("ptq",),
+    run_parallel=run_stage_parallel,
     description="msnc quantize: QAT (or options.ptq) -> packed 2/4/8-bit model directory + MindIR"))
