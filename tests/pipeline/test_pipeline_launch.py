@@ -250,3 +250,50 @@ def test_ranks_are_part_of_the_stage_identity_and_the_port_is_not(tiny):
     # the pipeline-wide launch applies to every stage; a stage's own launch wins
     assert identity("", ["launch.workers=2"]) == two
     assert identity(", launch: {workers: 1}", ["launch.workers=2"]) == default
+
+
+class _Launched(Exception):
+    pass
+
+
+def test_every_data_parallel_kind_launches_a_real_msnc_command(tmp_path):
+    """The command line each kind's `run_parallel` hands to msrun parses as that msnc command (with the --config
+    and --set the launcher adds), `--no-resume` follows the pipeline's resume flag, and the report is rank 0's
+    results.json read back (msrun itself is exercised by the tests above, for distill_task)."""
+    from types import SimpleNamespace
+
+    from ms_nlp_compress.cli import build_parser
+    from ms_nlp_compress.pipeline.stages import stage_kind
+
+    expected = {"finetune": ["finetune"], "distill_task": ["distill", "task"], "pretrain": ["pretrain"],
+                "dynabert": ["dynabert", "train"], "quantize": ["quantize"]}
+    for name, command in expected.items():
+        kind = stage_kind(name)
+        config = SimpleNamespace(output_dir=str(tmp_path / name))
+        for resume in (True, False):
+            launched = []
+
+            def launch(argv, name=name, config=config):
+                launched.append(list(argv))
+                Path(config.output_dir).mkdir(exist_ok=True)
+                (Path(config.output_dir) / "results.json").write_text(json.dumps({"written_by": name}))
+                if name == "dynabert":  # its grid / extraction would follow in this process: not this test's
+                    raise _Launched()
+
+            try:
+                report = kind.run_parallel(config, resume, QUIET["log"], {}, launch)
+            except _Launched:
+                report = None
+            assert launched == [command + ([] if resume else ["--no-resume"])], name
+            args = build_parser().parse_args(launched[0] + ["--config", "x.yaml", "--set", "train.epochs=1"])
+            assert args.config == "x.yaml" and args.overrides == ["train.epochs=1"], name
+            assert args.no_resume is (not resume), name
+            if name != "dynabert":
+                assert report == {"written_by": name}
+            (Path(config.output_dir) / "results.json").unlink()
+    with pytest.raises(MsncError, match=r"finetune.results\.json: the stage's command finished but wrote no"):
+        stage_kind("finetune").run_parallel(SimpleNamespace(output_dir=str(tmp_path / "finetune")), True,
+                                            QUIET["log"], {}, lambda argv: None)
+    with pytest.raises(ConfigError, match=r"options\.ptq: post-training quantization trains nothing"):
+        stage_kind("quantize").run_parallel(SimpleNamespace(output_dir=str(tmp_path)), True, QUIET["log"],
+                                            {"ptq": True}, lambda argv: None)
