@@ -132,3 +132,14 @@ def test_one_name_per_member_is_required(graph_mode):
     optimizer = nn.SGD(loss_cell.dense.trainable_params(), learning_rate=LR)
     with pytest.raises(ConfigError, match="1 component_names for 2 separate_members"):
         TrainStep(loss_cell, optimizer)
+
+
+def test_each_gradient_graph_compiles_once_across_steps(graph_mode):
+    # a tuple of gradient Tensors handed from Python to a compiled Cell is a graph CONSTANT unless marked mutable:
+    # every step would compile the sum and the finish graphs again (a new compile-cache entry per call)
+    weight, bias, x, y = setup(3, batch=8)
+    _, step = make_step(weight, bias, max_grad_norm=1.0)
+    for start in range(0, 8, 2):
+        step(Tensor(x[start:start + 2]), Tensor(y[start:start + 2]))
+    assert len(step.sum_gradients.compile_cache) == 1
+    assert len(step.finish_cell.compile_cache) == 1
