@@ -82,11 +82,11 @@ def msrun_command(workers: int, command: Sequence[str], settings: Dict[str, str]
 
 
 def worker_log_tails(log_dir: Path, lines: int = 8) -> str:
-    """The last lines of each rank's log (MindSpore's [WARNING] lines left out): the usual cause of a failure."""
+    """Each rank's last log lines (MindSpore's [WARNING] / [INFO] lines left out): the usual cause of a failure."""
     parts = []
     for path in sorted(Path(log_dir).glob("worker_*.log")):
         kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                if line.strip() and not line.startswith("[WARNING]")]
+                if line.strip() and not line.startswith(("[WARNING]", "[INFO]"))]
         parts.append(f"==> {path} <==\n" + "\n".join(kept[-lines:]))
     return "\n".join(parts)
 

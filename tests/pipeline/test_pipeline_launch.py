@@ -18,18 +18,21 @@ import pytest
 import mindspore as ms
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "compress" / "distill"))
+for folder_name in ("distill", "dynabert"):
+    sys.path.insert(0, str(HERE.parent / "compress" / folder_name))
 import distill_tiny  # noqa: E402
+import dynabert_cmd_tiny  # noqa: E402
 
 from ms_nlp_compress.errors import ConfigError, MsncError  # noqa: E402
 from ms_nlp_compress.models.checkpoint import read_model_dir  # noqa: E402
+from ms_nlp_compress.train.finetune import run_eval  # noqa: E402
 from ms_nlp_compress.pipeline.runner import (load_pipeline, resolve_stage_config, run_pipeline,  # noqa: E402
                                              stage_hash)
 from ms_nlp_compress.pipeline.stages import StageKind, best_dir, register_stage  # noqa: E402
 
 QUIET = dict(log=lambda message: None)
 # msrun master ports of this file (tests/parallel uses 8231-8252, test_engine_contract 9123 / 9200)
-PORT_MAIN, PORT_VICTIM, PORT_TIMEOUT = 8261, 8262, 8263
+PORT_MAIN, PORT_VICTIM, PORT_TIMEOUT, PORT_DYNABERT = 8261, 8262, 8263, 8264
 # Student dropout off: each rank draws its own masks by design, so only then are 2 ranks x 4 rows the maths of
 # 1 process x 8 rows. 12 updates a epoch (96 training rows / global batch 8): 1 epoch of stage 1 (checkpoints
 # every 4 updates), the 3 of stage 2 the student needs to learn the task.
@@ -118,6 +121,40 @@ def test_rerun_skips_the_msrun_stage(tiny):
     assert sum(line.endswith("skipped") for line in lines) == 2, lines
     assert not any("msrun:" in line for line in lines)
     assert msrun_log.stat().st_mtime_ns == before  # msrun was not started again
+
+
+def test_dynabert_trains_on_the_ranks_and_chooses_in_the_driver(tiny):
+    """A `dynabert` stage on 2 ranks: `msnc dynabert train` under msrun, then the grid, the choice and the extraction
+    in the pipeline's one process; the sub-network passed on is the one the grid scored."""
+    folder, _, _ = tiny
+    dynabert_cmd_tiny.dynabert_config(folder, "dynabert")
+    settings = ["dynabert.width_train.epochs=1", "dynabert.width_depth_train.epochs=1",
+                "dynabert.depth_multipliers=[1.0]", "data.batch_size=8"]
+    path = folder / "dyna.yaml"
+    path.write_text(f"""
+name: tiny_dynabert
+run_dir: {folder / 'dyna'}
+stages:
+  student: {{kind: model, model: {folder / 'run' / 'tinybert' / 'best'}}}
+  dynabert: {{kind: dynabert, config: dynabert.yaml, options: {{width: 0.5, depth: 1.0}},
+             set: {json.dumps(settings)}, launch: {{workers: 2, master_port: {PORT_DYNABERT}, timeout_seconds: 600}}}}
+measure: {{batch_sizes: [1], sequence_length: 12, repeat: 1}}
+""")
+    lines = []
+    run_pipeline(path, log=lines.append, measure=False)
+    assert any(line.startswith("[2/2] dynabert (dynabert): running") and line.endswith("(2 ranks under msrun)")
+               for line in lines)
+    stage_dir = folder / "dyna" / "dynabert"
+    report = json.loads((stage_dir / "pipeline_stage.json").read_text())["report"]
+    assert report["train"]["world_size"] == 2  # trained on the ranks (rank 0's results.json) ...
+    assert report["chosen"]["width"] == 0.5 and report["chosen"]["model_dir"] == str(stage_dir / "chosen")
+    grid = json.loads((stage_dir / "grid.json").read_text())  # ... scored and extracted here
+    assert sorted(entry["width"] for entry in grid["entries"]) == [0.5, 1.0]
+    half = next(entry for entry in grid["entries"] if entry["width"] == 0.5)
+    # the extracted directory on disk computes what the grid measured through the sliced elastic model
+    assert run_eval(stage_dir / "chosen", "sst2", folder / "sst2" / "dev.tsv", batch_size=7)["acc"] == \
+        pytest.approx(half["dev"]["acc"])
+    assert report["chosen"]["parameters"] < sum(a.size for a in weights(folder / "run" / "tinybert" / "best").values())
 
 
 def _processes_of(stage_dir: Path, role: str = "MS_WORKER"):

@@ -5,6 +5,8 @@ every sub-network (grid), then extract ONE sub-network as the stage's model: the
 `dynabert.teacher_model`."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 from typing import Dict
 
@@ -24,7 +26,11 @@ def run_stage_parallel(config, resume: bool, log, options: Dict, launch) -> Dict
     from ms_nlp_compress.pipeline.stages import read_results, resume_flag
 
     launch(["dynabert", "train"] + resume_flag(resume))
-    return choose(config, read_results(config), log, options)
+    # The grid, the selection and the extraction run in this one process: the same config on one rank (a shallow
+    # copy keeps what the file said; its config.yaml record then says world_size 1, results.json keeps the ranks).
+    single = copy.copy(config)
+    single.parallel = dataclasses.replace(config.parallel, world_size=1)
+    return choose(single, read_results(config), log, options)
 
 
 def choose(config, train_report: Dict, log, options: Dict) -> Dict:

@@ -254,6 +254,7 @@ def run_train(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     results.json (per stage: updates, compile time of the sub-network graphs, steady update time, losses)."""
     from ms_nlp_compress.data.glue import get_task
     from ms_nlp_compress.models.checkpoint import load_model_dir, read_model_document, save_model_dir
+    from ms_nlp_compress.parallel.barrier import RankBarrier
     from ms_nlp_compress.train.finetune import load_tokenizer_for
     from ms_nlp_compress.train.trainer import start_run
 
@@ -264,6 +265,10 @@ def run_train(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     task = get_task(config.data.task)
     rank, world_size, output_dir = start_run(config)
     importance = run_importance(config, log=log, started_run=(rank, world_size, output_dir))
+    # Data parallel: rank 0 alone writes rewired/ and each stage's model/, which every rank then loads (and whose
+    # STAGE_DONE decides a skip): every rank waits here until rank 0 has written them.
+    barrier = RankBarrier(world_size)
+    barrier.agree(True)
     tokenizer = load_tokenizer_for(config, teacher_dir)
     train_columns, rows = _columns(config, "train", tokenizer, task)
     report: Dict = {"kind": "dynabert", "task": task.name, "teacher": str(teacher_dir), "train_rows": rows,
@@ -280,6 +285,7 @@ def run_train(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
         else:
             report["stages"][stage] = _train_stage(stage, config, output_dir, start_dir, stage_teacher, task,
                                                    train_columns, tokenizer, rank, world_size, resume, log)
+        barrier.agree(True)
         start_dir = stage_teacher = stage_dir / MODEL_DIR
     final_dir = output_dir / FINAL_DIR
     if rank == 0:
