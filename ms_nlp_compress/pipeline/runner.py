@@ -47,9 +47,20 @@ def _resolve(path: str) -> Path:
     return resolve_path(path)
 
 
-def stage_hash(kind: str, config, input_fingerprint: Optional[str], options: Optional[Dict] = None) -> str:
+def stage_hash(kind: str, config, input_fingerprint: Optional[str], options: Optional[Dict] = None,
+               input_keys: Sequence[str] = ()) -> str:
+    """sha256 of what a stage's result depends on. The input model enters by its content fingerprint, not by the
+    path the pipeline wrote into `input_keys`, so a run folder copied or moved elsewhere is still recognised."""
     values = config_to_dict(config)
     values.pop("output_dir", None)
+    if input_fingerprint is not None:
+        for key in input_keys:
+            *parents, leaf = key.split(".")
+            section = values
+            for name in parents:
+                section = section.get(name) if isinstance(section, dict) else None
+            if isinstance(section, dict) and leaf in section:
+                section[leaf] = "<input model>"
     payload = json.dumps({"kind": kind, "config": values, "input": input_fingerprint, "options": options or {}},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -154,7 +165,7 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
                                   f"stages.{stage.name}.launch.workers=1")
             if eval_config is None and kind.measured:
                 eval_config = config
-            identity = stage_hash(stage.kind, config, input_fingerprint, stage.options)
+            identity = stage_hash(stage.kind, config, input_fingerprint, stage.options, kind.input_keys)
             done = read_record(stage_dir / STAGE_RECORD)
             if done is not None and done.get("stage_hash") == identity:
                 report = done["report"]

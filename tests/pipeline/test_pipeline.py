@@ -128,6 +128,18 @@ def test_rerun_skips_finished_stages_and_measurements(tiny):
     assert [row["dev"] for row in again["models"]] == [row["dev"] for row in report["models"]]
 
 
+def test_a_moved_run_folder_is_still_recognised(tiny):
+    # the input model is identified by its files, not by the path the pipeline wrote into the stage's config
+    folder, config, report, _ = tiny
+    moved = folder / "moved_run"
+    shutil.copytree(folder / "run", moved)
+    lines = []
+    again = run_pipeline(config, [f"run_dir={moved}"], log=lines.append)
+    assert sum("skipped" in line for line in lines) == 2, lines
+    assert not (moved / "previous").exists()
+    assert [row["dev"] for row in again["models"]] == [row["dev"] for row in report["models"]]
+
+
 def test_later_stages_chain_onto_the_finished_ones(tiny):
     """DynaBERT and QAT appended to the same run: teacher and TinyBERT are skipped (same config and input), each
     new stage starts from the previous stage's model, and all four models are measured and reported."""
