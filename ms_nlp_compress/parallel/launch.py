@@ -91,6 +91,43 @@ def worker_log_tails(log_dir: Path, lines: int = 8) -> str:
     return "\n".join(parts)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the process that started it dies (Linux prctl
+    PR_SET_PDEATHSIG), so a pipeline killed with -9 leaves no stage running on behind it."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / no glibc: the child may outlive a killed parent
+        pass
+
+
+def run_child(command: Sequence[str], what: str, timeout_seconds: Optional[float] = None) -> None:
+    """Run `msnc COMMAND...` in a child process of this interpreter, its output on this process's stdout / stderr
+    (progress stays visible). A non-zero exit is an MsncError naming `what`; past `timeout_seconds`, or on Ctrl-C /
+    an exception here, the child is stopped. The child dies with this process (see `_die_with_parent`)."""
+    argv = [sys.executable, str(msnc_entry())] + list(command)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    process = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    try:
+        status = process.wait(timeout=timeout_seconds)
+    except BaseException as err:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if isinstance(err, subprocess.TimeoutExpired):
+            raise MsncError(f"{what}: did not finish within {timeout_seconds:g} s (launch.timeout_seconds); "
+                            "stopped it") from None
+        raise
+    if status != 0:
+        raise MsncError(f"{what}: the child process exited with status {status} (its output is above)")
+
+
 def run_msrun(argv: Sequence[str], log_dir: Path, what: str, timeout_seconds: Optional[float] = None) -> None:
     """Run an msrun command line to the end. msrun's own output goes to `log_dir/msrun.log`, each rank's to
     `log_dir/worker_<r>.log`. A rank that dies makes msrun (--join) kill the others and exit non-zero: raised as

@@ -124,6 +124,26 @@ def msrun_launcher(stage: StageSpec, config, pipeline_file: Path, overrides: Seq
         run_msrun(argv, log_dir, f"stage {stage.name!r} ({stage.kind}, `msnc {' '.join(command)}` on {workers} "
                                  "ranks)", launch.timeout_seconds)
 
+    launch_command.workers = workers
+    return launch_command
+
+
+def child_launcher(stage: StageSpec, pipeline_file: Path, overrides: Sequence[str], launch: LaunchConfig, log: Log):
+    """The `launch` callable of a one-worker stage run in a child process (`launch.process: child`): the same
+    msnc command, config file and overrides as under msrun, on one process."""
+    from ms_nlp_compress.parallel.launch import run_child
+
+    path = stage_config_path(pipeline_file, stage)
+
+    def launch_command(command: Sequence[str]) -> None:
+        arguments = list(command) + ["--config", str(path)]
+        for item in overrides:
+            arguments += ["--set", item]
+        log(f"  child process: `msnc {' '.join(command)}`")
+        run_child(arguments, f"stage {stage.name!r} ({stage.kind}, `msnc {' '.join(command)}`)",
+                  launch.timeout_seconds)
+
+    launch_command.workers = 1
     return launch_command
 
 
@@ -187,6 +207,9 @@ def run_pipeline(pipeline_file: Path, overrides: Sequence[str] = (), resume: boo
                 if workers > 1:
                     report = kind.run_parallel(config, resume, log, stage.options, msrun_launcher(
                         stage, config, pipeline_file, overrides_of_stage, launch, stage_dir, log))
+                elif launch.process == "child" and kind.run_parallel is not None:
+                    report = kind.run_parallel(config, resume, log, stage.options, child_launcher(
+                        stage, pipeline_file, overrides_of_stage, launch, log))
                 else:
                     report = kind.run(config, resume, log, stage.options)
                 seconds = time.perf_counter() - began

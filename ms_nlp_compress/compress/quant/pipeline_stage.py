@@ -21,9 +21,12 @@ def run_stage_parallel(config, resume: bool, log, options: Dict, launch) -> Dict
     from ms_nlp_compress.errors import ConfigError
     from ms_nlp_compress.pipeline.stages import read_results, resume_flag
 
-    if options.get("ptq", False):  # every rank would export the same files: nothing here is data parallel
-        raise ConfigError("options.ptq: post-training quantization trains nothing, so it has no data-parallel "
-                          "launch; give this stage `launch: {workers: 1}`")
+    if options.get("ptq", False):
+        if getattr(launch, "workers", 1) > 1:  # every rank would export the same files: nothing is data parallel
+            raise ConfigError("options.ptq: post-training quantization trains nothing, so it has no data-parallel "
+                              "launch; give this stage `launch: {workers: 1}`")
+        launch(["quantize", "--ptq"])  # one child process
+        return read_results(config)
     launch(["quantize"] + resume_flag(resume))
     return read_results(config)
 
