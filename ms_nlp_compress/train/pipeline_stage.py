@@ -5,7 +5,9 @@ following `finetune` stage takes as its `pretrained` (the key the pipeline sets)
 
 The backbone is no classifier, so it is not measured and not in the report's models table (`measured=False`): the
 report starts with the first classifier, the teacher fine-tuned from it. The stage's wall time and its MLM curve
-(`pipeline_stage.json` -> report) are kept. It takes no input model: `pretrained:` of its own config (null: from
+(`pipeline_stage.json` -> report) are kept. Like the other kinds it runs `msnc pretrain` in a child process by
+default (`launch.process`), or on `launch.workers` msrun ranks (run_pretrain is data parallel; rank 0 writes
+results.json, which is the stage's report). It takes no input model: `pretrained:` of its own config (null: from
 random weights) says where it starts, and a changed pre-training config re-runs it and, since the backbone's files
 change, the fine-tuning after it.
 """

@@ -26,7 +26,9 @@ from ms_nlp_compress.train.finetune import run_eval  # noqa: E402
 
 def write_configs(folder: Path) -> Path:
     """The pipeline file and its two stage configs: a 2 x 16 NEZHA pre-trained on the task's 120-sentence corpus
-    (its vocabulary built from the corpus, not the config's 500 tokens), then fine-tuned on the task's labels with no model keys of its own."""
+    (its vocabulary built from the corpus, not the config's 500 tokens) by `msnc pretrain` in a child process (the
+    default launch), then fine-tuned on the task's labels with no model keys of its own, in this process (so the
+    test sees the classifier's initial weights)."""
     (folder / "pretrain.yaml").write_text(f"""
 output_dir: {folder / 'pretrain_alone'}
 {distill_tiny.RUNTIME}
@@ -51,7 +53,7 @@ name: tiny_pretrain_pipeline
 run_dir: {folder / 'run'}
 stages:
   pretrain: {{kind: pretrain, config: pretrain.yaml}}
-  teacher: {{kind: finetune, config: finetune.yaml}}
+  teacher: {{kind: finetune, config: finetune.yaml, launch: {{process: same}}}}
 measure: {{batch_sizes: [1], sequence_length: 12, repeat: 1, export: false}}
 """)
     return path
@@ -87,6 +89,7 @@ def test_finetune_starts_from_the_pretrained_backbone_file(tiny):
     run = folder / "run"
     backbone_dir = run / "pretrain" / "pretrained"
     assert any(line.startswith("[1/2] pretrain (pretrain): running") for line in lines)
+    assert any("child process: `msnc pretrain`" in line for line in lines)
     record = json.loads((run / "teacher" / "pipeline_stage.json").read_text())
     assert record["input"] == str(backbone_dir) and record["input_fingerprint"] == model_fingerprint(backbone_dir)
     assert len(initial) == 1 and initial[0][0] == str(backbone_dir)  # the key the pipeline set
