@@ -331,6 +331,23 @@ def test_every_data_parallel_kind_launches_a_real_msnc_command(tmp_path):
     with pytest.raises(MsncError, match=r"finetune.results\.json: the stage's command finished but wrote no"):
         stage_kind("finetune").run_parallel(SimpleNamespace(output_dir=str(tmp_path / "finetune")), True,
                                             QUIET["log"], {}, lambda argv: None)
+    launched = []
+
+    def two_ranks(argv):
+        launched.append(list(argv))
+
+    two_ranks.workers = 2
     with pytest.raises(ConfigError, match=r"options\.ptq: post-training quantization trains nothing"):
         stage_kind("quantize").run_parallel(SimpleNamespace(output_dir=str(tmp_path)), True, QUIET["log"],
-                                            {"ptq": True}, lambda argv: None)
+                                            {"ptq": True}, two_ranks)
+    assert launched == []
+
+    def one_child(argv):  # launch.process: child, one worker: PTQ runs as `msnc quantize --ptq` in the child
+        launched.append(list(argv))
+        (tmp_path / "results.json").write_text(json.dumps({"written_by": "ptq"}))
+
+    one_child.workers = 1
+    assert stage_kind("quantize").run_parallel(SimpleNamespace(output_dir=str(tmp_path)), True, QUIET["log"],
+                                               {"ptq": True}, one_child) == {"written_by": "ptq"}
+    assert launched == [["quantize", "--ptq"]]
+    assert build_parser().parse_args(launched[0] + ["--config", "x.yaml"]).ptq is True
