@@ -18,7 +18,7 @@ update, a saving near 32/b at any N; on CPU the gradient leg costs what scheme 1
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -28,7 +28,7 @@ from ms_nlp_compress.compress.quant.primitives import TWN_THRESHOLD_FACTOR
 from ms_nlp_compress.errors import ConfigError
 from ms_nlp_compress.parallel.comm_config import CommConfig
 from ms_nlp_compress.parallel.lowbit import (LowBitAllGatherReducer, _safe_divide, codes_per_word, pack_words_graph,
-                                             top_level, unpack_words_graph)
+                                             packed_words, top_level, unpack_words_graph)
 
 
 def quantize_weight_buckets(weights, weight_bits):
@@ -49,26 +49,75 @@ def quantize_weight_buckets(weights, weight_bits):
     return (level + k).astype(ms.int32), unit
 
 
+def decay_runs(sizes: Sequence[int], flags: Sequence[bool], start: int, length: int) -> List[Tuple[int, bool]]:
+    """(run length, decayed) pieces covering entries [start, start + length) of the fused vector, whose tensors
+    have `sizes` and weight-decay `flags` in order; bucket padding past the last tensor is not decayed (it is 0)."""
+    runs: List[Tuple[int, bool]] = []
+    offset = 0
+    for size, flag in list(zip(sizes, flags)) + [(start + length, False)]:  # the tail sentinel covers padding
+        low, high = max(offset, start), min(offset + size, start + length)
+        if high > low:
+            if runs and runs[-1][1] == bool(flag):
+                runs[-1] = (runs[-1][0] + high - low, bool(flag))
+            else:
+                runs.append((high - low, bool(flag)))
+        offset += size
+    return runs
+
+
+class _ShardState(nn.Cell):
+    """What an owner keeps between updates, different on every rank: its fp32 master shard, the two Adam moments
+    of that shard (Adam only), and two counters (applied updates: Adam's t and the schedule's position; calls,
+    skipped ones included: the byte accounting). A Cell of its own so that per-rank checkpoints hold exactly this (plus the noise
+    counter), never a copy of the model."""
+
+    def __init__(self, initial_shard: np.ndarray, adam: bool):
+        super().__init__()
+        self.master = Parameter(Tensor(initial_shard), name="master_shard", requires_grad=False)
+        self.updates = Parameter(Tensor(0, ms.int32), name="applied_updates", requires_grad=False)
+        self.calls = Parameter(Tensor(0, ms.int32), name="calls", requires_grad=False)
+        if adam:
+            zeros = np.zeros(initial_shard.size, np.float32)
+            self.moment1 = Parameter(Tensor(zeros), name="moment1_shard", requires_grad=False)
+            self.moment2 = Parameter(Tensor(zeros.copy()), name="moment2_shard", requires_grad=False)
+
+
 class ShardedLowBitUpdate(nn.Cell):
-    """Call with the gradient tuple (in `parameters` order): exchanges, updates the owned master shard, gathers the
-    low-bit weights and assigns them to `parameters`. Returns the tuple of new weights.
+    """The engine's update cell for scheme 2 (train/step.py `TrainStep(update_cell=...)`): replaces both the
+    gradient reducer and the optimizer.
+
+    Call with (unscaled local gradient tuple in `parameters` order, learning rate as a float32 scalar Tensor);
+    every rank must call it at every update boundary (it holds collectives). In one compiled graph it exchanges
+    the low-bit codes, takes the overflow verdict and the global norm of the MEAN gradient, clips, updates the
+    owned master shard, gathers the (low-bit) weights and assigns them to `parameters`. Returns (applied, norm):
+    applied is False on every rank when any rank's gradient had a non-finite entry (nothing moves then, except
+    the rounding-noise and call counters), norm is the mean gradient's global norm before clipping.
+
+    Clipping: the global norm is that of the averaged gradient, as with the fp32 all-reduce and scheme 1 (whose
+    FinishGradients clips after the exchange), so the three schemes clip the same quantity. Each owner only holds
+    its shard of the mean, so the squared norms of the shards are summed with one float32 all-reduce (8 bytes,
+    together with the count of non-finite local entries that makes the verdict identical on every rank).
 
     Args:
         parameters: the model Parameters (their current values initialise every rank's master shard).
         comm: `comm:` with scheme sharded, bucket_size > 0 (shards are whole buckets) and weight_bits (or null).
         world_size, rank: data-parallel position (the owned shard is baked into the graph).
-        learning_rate: step size of the owner's update.
+        learning_rate: default step size when `construct` gets no lr (tests); the engine passes the schedule's lr.
         optimizer: "sgd" or "adam" (the owner keeps Adam's two moments for its shard only: 2 * S floats per rank
             instead of 2 * d); beta1, beta2, eps, weight_decay: Adam's settings (AdamW-style decoupled decay).
-    State: the master shard and, for Adam, its moments and step differ per rank (`per_rank_state`): checkpoints
-    keep them in each rank's own file (train/checkpoints.py `save_rank_state`).
+        decay_flags: per Parameter, whether Adam's weight decay applies (train/optim.py `decay_mask`: not biases
+            and LayerNorms); None decays every entry.
+        max_grad_norm: global-norm clip of the mean gradient, or None.
+    State: `rank_state_cells()` (master shard, moments, counters, the noise stream's counter) differs per rank
+    (`per_rank_state`): checkpoints keep it in each rank's own file (train/checkpoints.py `save_rank_state`).
     """
 
     per_rank_state = True
 
     def __init__(self, parameters: Sequence[Parameter], comm: CommConfig, world_size: int, rank: int,
-                 learning_rate: float, optimizer: str = "sgd", beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-6, weight_decay: float = 0.0):
+                 learning_rate: Optional[float] = None, optimizer: str = "sgd", beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.0,
+                 decay_flags: Optional[Sequence[bool]] = None, max_grad_norm: Optional[float] = None):
         super().__init__()
         comm.validate("comm")
         if comm.scheme != "sharded":
@@ -85,6 +134,8 @@ class ShardedLowBitUpdate(nn.Cell):
         if optimizer not in ("sgd", "adam"):
             raise ConfigError(f"sharded owner optimizer must be sgd or adam, got {optimizer!r}")
         self.parameters = list(parameters)
+        if decay_flags is not None and len(decay_flags) != len(self.parameters):
+            raise ValueError(f"decay_flags: {len(decay_flags)} flags for {len(self.parameters)} parameters")
         self.exchange = LowBitAllGatherReducer(self.parameters, comm, world_size, shards=world_size)
         layout = self.exchange.layout
         self.world_size = world_size
@@ -93,37 +144,90 @@ class ShardedLowBitUpdate(nn.Cell):
         self.shard_buckets = self.shard // comm.bucket_size
         self.start = rank * self.shard
         self.first_bucket = rank * self.shard_buckets
-        self.learning_rate = float(learning_rate)
+        self.learning_rate = None if learning_rate is None else float(learning_rate)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.weight_bits = comm.weight_bits
         initial = np.concatenate([p.asnumpy().astype(np.float32).reshape(-1) for p in self.parameters])
         initial = np.concatenate([initial, np.zeros(layout.padded - initial.size, np.float32)])
-        self.master = Parameter(Tensor(initial[self.start:self.start + self.shard]), name="master_shard",
-                                requires_grad=False)
         self.adam = optimizer == "adam"
+        self.state = _ShardState(initial[self.start:self.start + self.shard].copy(), self.adam)
         if self.adam:
             self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
             self.weight_decay = float(weight_decay)
-            self.moment1 = Parameter(Tensor(np.zeros(self.shard, np.float32)), name="moment1_shard",
-                                     requires_grad=False)
-            self.moment2 = Parameter(Tensor(np.zeros(self.shard, np.float32)), name="moment2_shard",
-                                     requires_grad=False)
-            self.adam_step = Parameter(Tensor(0.0, ms.float32), name="adam_step_shard", requires_grad=False)
+            flags = [True] * len(self.parameters) if decay_flags is None else [bool(f) for f in decay_flags]
+            self.decay_runs = decay_runs(layout.sizes, flags, self.start, self.shard)
         if self.weight_bits is not None:
             self.weight_top = float(top_level(self.weight_bits))
             self.weight_padding = (-self.shard) % codes_per_word(self.weight_bits)
         self.params = ms.ParameterTuple(self.parameters)
         if world_size > 1:
             self.all_gather = ops.AllGather()
+            self.all_reduce = ops.AllReduce()
 
+    # ---- host side ----------------------------------------------------------------------------------------
+    @property
+    def master(self) -> Parameter:
+        return self.state.master
+
+    @property
+    def moment1(self) -> Parameter:
+        return self.state.moment1
+
+    @property
+    def moment2(self) -> Parameter:
+        return self.state.moment2
+
+    @property
+    def adam_step(self) -> Parameter:
+        """Adam's t: the number of applied updates."""
+        return self.state.updates
+
+    def rank_state_cells(self) -> List[nn.Cell]:
+        """The Cells whose Parameters are this rank's own state (the model Parameters are not among them)."""
+        return [self.state, self.exchange]
+
+    def updates_done(self) -> int:
+        """Applied updates so far: update t (1-based) uses the schedule's lr at t - 1, as train/optim.py does."""
+        return int(self.state.updates.asnumpy())
+
+    def bytes_per_step(self) -> Dict[str, int]:
+        """Bytes this rank hands to collectives per update, by leg (static: every shape is known).
+
+        gradient: the AllGather of every rank's whole code vector + scales (the CPU emulation of the all-to-all;
+        the same graph runs on Ascend today); weight: the AllGather of this rank's weight codes + units (or its
+        fp32 master shard for weight_bits null); verdict: the 2-float all-reduce. gradient_alltoall: what the
+        gradient leg would send to the other ranks with an all-to-all (each owner's chunk: its codes + scales).
+        """
+        layout = self.exchange.layout
+        gradient = layout.lowbit_bytes()
+        if self.weight_bits is None:
+            weight = 4 * self.shard
+        else:
+            weight = 4 * packed_words(self.shard, self.weight_bits) + 4 * self.shard_buckets
+        chunk = 4 * packed_words(self.shard, self.exchange.bits) + 4 * self.shard_buckets
+        return {"lowbit": gradient + weight + 8, "fp32": layout.fp32_bytes(), "gradient": gradient,
+                "weight": weight, "verdict": 8, "gradient_alltoall": (self.world_size - 1) * chunk}
+
+    def comm_stats(self) -> Dict[str, int]:
+        """The counters scheme 1 logs (every sharded update is a low-bit exchange), plus the legs."""
+        exchanges = int(self.state.calls.asnumpy())
+        sizes = self.bytes_per_step()
+        return {"comm_exchanges": exchanges, "comm_fp32_exchanges": 0, "comm_lowbit_exchanges": exchanges,
+                "comm_bytes_sent": exchanges * sizes["lowbit"], "comm_bytes_per_lowbit_step": sizes["lowbit"],
+                "comm_bytes_per_fp32_step": sizes["fp32"], "comm_gradient_bytes_per_step": sizes["gradient"],
+                "comm_weight_bytes_per_step": sizes["weight"],
+                "comm_alltoall_gradient_bytes_per_step": sizes["gradient_alltoall"]}
+
+    # ---- graph pieces -------------------------------------------------------------------------------------
     def gather(self, value):
         if self.world_size == 1:
             return value
         return self.all_gather(value)
 
-    def shard_gradient(self, grads):
+    def shard_gradient(self, flat):
         """The owner's mean gradient shard (S,), from every rank's codes (the emulated all-to-all)."""
         exchange = self.exchange
-        levels, scales = exchange.quantize(exchange.fuse(grads), exchange.noise((exchange.padded,)))
+        levels, scales = exchange.quantize(flat, exchange.noise((exchange.padded,)))
         words = self.gather(exchange.encode(levels))
         scales = self.gather(scales)
         codes = unpack_words_graph(words.reshape(self.world_size, -1), exchange.bits)  # (ranks, padded + pad)
@@ -133,6 +237,16 @@ class ShardedLowBitUpdate(nn.Cell):
         steps = units.reshape(self.world_size, self.shard_buckets, 1) / exchange.top
         values = (mine.astype(ms.float32) - exchange.top) * steps
         return values.sum(0).reshape(-1) / float(self.world_size)
+
+    def verdict(self, flat, gradient):
+        """(applied, global norm of the mean gradient), identical on every rank: one all-reduce of
+        [sum of squares of my mean shard, count of my non-finite local entries]."""
+        bad = ops.logical_not(ops.isfinite(flat)).astype(ms.float32).sum()
+        summary = ops.stack((ops.square(gradient).sum(), bad))  # (2,)
+        if self.world_size > 1:
+            summary = self.all_reduce(summary)
+        norm = ops.sqrt(summary[0])
+        return ops.logical_and(summary[1] == 0.0, ops.isfinite(norm)), norm
 
     def gathered_weights(self, master):
         """Every rank's updated shard, low-bit on the wire -> the full fused weight vector (padded,)."""
@@ -148,27 +262,48 @@ class ShardedLowBitUpdate(nn.Cell):
         values = (all_codes.astype(ms.float32) - self.weight_top).reshape(-1, self.bucket_size)  # (buckets, B)
         return (values * units.reshape(-1, 1)).reshape(-1)
 
-    def adam_update(self, gradient):
-        """The owner's AdamW step on its shard: the moments never leave this rank."""
-        step = self.adam_step + 1.0
-        ops.assign(self.adam_step, step)
-        moment1 = self.beta1 * self.moment1 + (1.0 - self.beta1) * gradient
-        moment2 = self.beta2 * self.moment2 + (1.0 - self.beta2) * gradient * gradient
-        ops.assign(self.moment1, moment1)
-        ops.assign(self.moment2, moment2)
+    def decay_mask(self):
+        """1.0 where Adam's weight decay applies in my shard, else 0.0 (static runs: no shard-sized constant)."""
+        pieces = ()
+        for length, decayed in self.decay_runs:
+            pieces = pieces + (ops.full((length,), 1.0 if decayed else 0.0, dtype=ms.float32),)
+        return ops.concat(pieces)
+
+    def adam_update(self, gradient, lr, applied):
+        """The owner's AdamW step on its shard (the moments never leave this rank); a skipped update keeps them."""
+        state = self.state
+        step = state.updates.astype(ms.float32) + 1.0
+        moment1 = self.beta1 * state.moment1 + (1.0 - self.beta1) * gradient
+        moment2 = self.beta2 * state.moment2 + (1.0 - self.beta2) * gradient * gradient
         corrected1 = moment1 / (1.0 - ops.pow(Tensor(self.beta1, ms.float32), step))
         corrected2 = moment2 / (1.0 - ops.pow(Tensor(self.beta2, ms.float32), step))
-        update = corrected1 / (ops.sqrt(corrected2) + self.eps) + self.weight_decay * self.master
-        return self.master - self.learning_rate * update
+        update = corrected1 / (ops.sqrt(corrected2) + self.eps)
+        if self.weight_decay:
+            update = update + self.weight_decay * self.decay_mask() * state.master
+        ops.assign(state.moment1, ops.where(applied, moment1, state.moment1))
+        ops.assign(state.moment2, ops.where(applied, moment2, state.moment2))
+        return state.master - lr * update
 
-    def construct(self, grads):
-        gradient = self.shard_gradient(grads)
+    def construct(self, grads, lr=None):
+        if lr is None:
+            lr = Tensor(self.learning_rate, ms.float32)
+        state = self.state
+        ops.assign_add(state.calls, Tensor(1, ms.int32))
+        flat = self.exchange.fuse(grads)
+        gradient = self.shard_gradient(flat)
+        applied, norm = self.verdict(flat, gradient)
+        if self.max_grad_norm is not None:
+            # the clip of step.py's _clip, on the mean gradient's global norm (the same factor on every rank)
+            gradient = gradient * ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
         if self.adam:
-            master = self.adam_update(gradient)
+            master = self.adam_update(gradient, lr, applied)
         else:
-            master = self.master - self.learning_rate * gradient
-        ops.assign(self.master, master)
+            master = state.master - lr * gradient
+        master = ops.where(applied, master, state.master)
+        ops.assign(state.master, master)
+        ops.assign_add(state.updates, applied.astype(ms.int32))
         weights = self.exchange.split(self.gathered_weights(master))
         for index in range(len(weights)):
-            ops.assign(self.params[index], weights[index])
-        return weights
+            param = self.params[index]
+            ops.assign(param, ops.where(applied, weights[index].astype(param.dtype), param))
+        return applied, norm

@@ -7,6 +7,12 @@ op) and its state is not ours to checkpoint. This step runs unchanged on CPU and
     grads graph  (one jit):  scaled loss -> grads -> [all-reduce mean] -> unscale -> all_finite -> [clip]
     optimizer    (its own jit, called from Python when the gradients are finite)
 
+or, with an update cell (the sharded low-bit scheme, parallel/sharded.py), which replaces reducer and optimizer:
+
+    grads graph  (one jit):  scaled loss -> grads -> unscale                       (this rank's own gradients)
+    update cell  (its own jit, called at EVERY update boundary on every rank: it holds the collectives):
+                             exchange -> verdict + global norm of the mean -> [clip] -> owner update -> weights
+
 Keeping the optimizer out of the gradient graph is the fastest pattern measured (mindspore.md recipe 1). The
 loss-scale state lives on the host (a float and a counter), so it is trivially saved with a checkpoint and the
 skip decision is the same on every rank (the flag is computed after the all-reduce).
@@ -14,7 +20,7 @@ skip decision is the same on every rank (the flag is computed after the all-redu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 
 import mindspore as ms
@@ -134,18 +140,24 @@ class FinishGradients(nn.Cell):
     error-feedback residual in the gradients' own units, whatever the loss scale does between steps. A non-finite
     gradient on any rank still reaches every rank through the reduction (NaN / inf poison the mean or the gathered
     scales), so every rank takes the same skip decision.
+
+    With `check=False` it only unscales: an update cell takes the verdict and clips after its own exchange (a
+    local verdict here would not be the same on every rank).
     """
 
-    def __init__(self, reducer: Optional[nn.Cell], max_grad_norm: Optional[float]):
+    def __init__(self, reducer: Optional[nn.Cell], max_grad_norm: Optional[float], check: bool = True):
         super().__init__(auto_prefix=False)
         self.reducer = reducer
         self.max_grad_norm = max_grad_norm
+        self.check = check
 
     def construct(self, grads, scale):
         inverse = 1.0 / scale
         unscaled = ()
         for grad in grads:
             unscaled = unscaled + (grad * inverse.astype(grad.dtype),)
+        if not self.check:
+            return unscaled, Tensor(True, ms.bool_), Tensor(0.0, ms.float32)
         if self.reducer is not None:
             unscaled = self.reducer(unscaled)
         finite = ms.amp.all_finite(unscaled)
@@ -163,14 +175,14 @@ class GradientCell(nn.Cell):
     """
 
     def __init__(self, loss_cell: nn.Cell, weights: ParameterTuple, reducer: Optional[nn.Cell],
-                 max_grad_norm: Optional[float], finalize: bool = True):
+                 max_grad_norm: Optional[float], finalize: bool = True, check: bool = True):
         super().__init__(auto_prefix=False)
         self.scaled_loss = _ScaledLoss(loss_cell)
         self.has_components = self.scaled_loss.has_components
         self.weights = weights
         # has_aux: only the first output (the scaled loss) is differentiated; components ride along.
         self.grad_fn = ms.value_and_grad(self.scaled_loss, None, weights, has_aux=self.has_components)
-        self.finish = FinishGradients(reducer, max_grad_norm)
+        self.finish = FinishGradients(reducer, max_grad_norm, check)
         self.finalize = finalize
 
     def construct(self, scale, *inputs):
@@ -190,11 +202,11 @@ class AccumulationCell(nn.Cell):
     """Sums micro-batch gradients in buffers; `finalize` averages, reduces, unscales, checks and clips them."""
 
     def __init__(self, weights: ParameterTuple, steps: int, reducer: Optional[nn.Cell],
-                 max_grad_norm: Optional[float]):
+                 max_grad_norm: Optional[float], check: bool = True):
         super().__init__(auto_prefix=False)
         self.buffers = weights.clone(prefix="grad_accumulation", init="zeros")
         self.steps = steps
-        self.finish = FinishGradients(reducer, max_grad_norm)
+        self.finish = FinishGradients(reducer, max_grad_norm, check)
         self.hyper_map = ops.HyperMap()
 
     @ms.jit
@@ -230,9 +242,9 @@ class _SumGradients(nn.Cell):
 class _FinishCell(nn.Cell):
     """FinishGradients as its own compiled graph, for gradients summed outside a GradientCell."""
 
-    def __init__(self, reducer: Optional[nn.Cell], max_grad_norm: Optional[float]):
+    def __init__(self, reducer: Optional[nn.Cell], max_grad_norm: Optional[float], check: bool = True):
         super().__init__(auto_prefix=False)
-        self.finish = FinishGradients(reducer, max_grad_norm)
+        self.finish = FinishGradients(reducer, max_grad_norm, check)
 
     def construct(self, grads, scale):
         return self.finish(grads, scale)
@@ -260,6 +272,14 @@ class TrainStep:
         max_grad_norm: global-norm clip, or None.
         reducer: a Cell mapping the gradient tuple to its mean over data-parallel ranks
             (`nn.DistributedGradReducer`, or a compressed exchange), or None.
+        update_cell: in place of optimizer AND reducer (pass both as None), a Cell called as
+            `update_cell(unscaled local gradients, lr Tensor) -> (applied flag, global norm)` that exchanges,
+            takes the verdict, clips (with its own max_grad_norm: the one here is then unused) and updates the
+            Parameters itself, e.g. `parallel.sharded.ShardedLowBitUpdate`. It must expose `parameters` (the
+            weights to differentiate) and `updates_done()` (applied updates so far).
+        learning_rate: with an update cell, the lr of update t (1-based), called with t - 1 (e.g.
+            `WarmupSchedule.lr_at`); the value goes in as a Tensor input, so the compiled update follows the
+            schedule without recompiling.
 
     A loss cell with `separate_members` (see `separate_members`) gets one compiled gradient graph per member, all on
     the same micro-batch; their gradients are summed (not averaged), and the sum goes through the same reduce /
@@ -268,16 +288,29 @@ class TrainStep:
     cell's `component_names` when it declares one per member.
     """
 
-    def __init__(self, loss_cell: nn.Cell, optimizer: nn.Optimizer, scaler: Optional[LossScaler] = None,
-                 accumulation: int = 1, max_grad_norm: Optional[float] = 1.0, reducer: Optional[nn.Cell] = None):
+    def __init__(self, loss_cell: nn.Cell, optimizer: Optional[nn.Optimizer], scaler: Optional[LossScaler] = None,
+                 accumulation: int = 1, max_grad_norm: Optional[float] = 1.0, reducer: Optional[nn.Cell] = None,
+                 update_cell: Optional[nn.Cell] = None, learning_rate: Optional[Callable[[int], float]] = None):
         if accumulation < 1:
             raise ConfigError(f"train.gradient_accumulation must be >= 1, got {accumulation}")
         self.loss_cell = loss_cell
         self.optimizer = optimizer
+        self.update_cell = update_cell
+        self.learning_rate = learning_rate
         self.scaler = scaler or LossScaler("none")
         self.accumulation = accumulation
         self.component_names = component_names(loss_cell)
-        self.weights = ParameterTuple(optimizer.parameters)
+        check = update_cell is None
+        if update_cell is not None:
+            if optimizer is not None or reducer is not None:
+                raise ConfigError("comm.scheme: an update cell (scheme sharded) replaces both the optimizer and the "
+                                  "gradient reducer; pass neither")
+            if learning_rate is None:
+                raise ConfigError("train.learning_rate: an update cell needs the schedule (learning_rate=lr_at)")
+            self.weights = ParameterTuple(update_cell.parameters)
+            max_grad_norm = None  # the update cell clips the mean gradient after its exchange
+        else:
+            self.weights = ParameterTuple(optimizer.parameters)
         members = separate_members(loss_cell)
         if members:
             if self.component_names and len(self.component_names) != len(members):
@@ -288,13 +321,13 @@ class TrainStep:
             self.member_cells = [GradientCell(member, self.weights, None, None, finalize=False)
                                  for member in members]
             self.sum_gradients = _SumGradients()
-            self.finish_cell = _FinishCell(reducer, max_grad_norm) if accumulation == 1 else None
+            self.finish_cell = _FinishCell(reducer, max_grad_norm, check) if accumulation == 1 else None
             self.gradient_cell = None
         else:
             self.member_cells = []
             self.gradient_cell = GradientCell(loss_cell, self.weights, reducer, max_grad_norm,
-                                              finalize=accumulation == 1)
-        self.accumulator = (AccumulationCell(self.weights, accumulation, reducer, max_grad_norm)
+                                              finalize=accumulation == 1, check=check)
+        self.accumulator = (AccumulationCell(self.weights, accumulation, reducer, max_grad_norm, check)
                             if accumulation > 1 else None)
         self.micro_step = 0  # position inside the accumulation cycle (saved with checkpoints: see state_dict)
 
@@ -353,13 +386,17 @@ class TrainStep:
                 return StepResult(float(loss.asnumpy()), False, False, None, self.scaler.scale, components)
             grads, finite, norm = self.accumulator.finalize(scale)
         self.micro_step = 0
+        if self.update_cell is not None:
+            # every rank calls it at every boundary (collectives inside); its verdict is the same on all ranks
+            lr = Tensor(self.learning_rate(self.update_cell.updates_done()), ms.float32)
+            finite, norm = self.update_cell(mutable(grads), lr)
         is_finite = bool(finite.asnumpy())
         if not is_finite and self.scaler.mode == "none":
             if self.accumulator is not None:
                 self.accumulator.reset()
             raise FloatingPointError("non-finite gradients without loss scaling: the run diverged (lower the "
                                      "learning rate, or enable train.loss_scale for mixed precision)")
-        if is_finite:
+        if is_finite and self.update_cell is None:
             self.optimizer(grads)
         if self.accumulator is not None:
             self.accumulator.reset()

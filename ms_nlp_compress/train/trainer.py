@@ -21,7 +21,7 @@ from mindspore import Tensor, nn
 
 from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.config import ExperimentConfig, TrainConfig
-from ms_nlp_compress.errors import CheckpointError
+from ms_nlp_compress.errors import CheckpointError, ConfigError
 from ms_nlp_compress.train.batches import BatchSource
 from ms_nlp_compress.train.checkpoints import (latest_checkpoint, load_checkpoint, load_rank_state, rank_state_path,
                                               save_checkpoint, save_rank_state)
@@ -69,6 +69,29 @@ def _dynamic_spec(dtype: np.dtype, row_shape) -> Tensor:
     return Tensor(shape=[None] * min(len(shape), 2) + list(shape[2:]), dtype=ms_dtype)
 
 
+def _check_sharded(config: ExperimentConfig, optimizer, reducer) -> None:
+    """What `comm.scheme: sharded` cannot do yet, refused with the key to change."""
+    if config.train.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer: comm.scheme sharded updates each shard with the owner's Adam(W); "
+                          f"{config.train.optimizer!r} on the shard (LAMB's per-tensor trust ratio spans shards) "
+                          "is not implemented: use adamw or comm.scheme allgather")
+    if optimizer is not None or reducer is not None:
+        raise ConfigError("comm.scheme: sharded replaces the optimizer and the gradient reducer, but this command "
+                          "injects its own " + ("optimizer" if optimizer is not None else "reducer")
+                          + "; use comm.scheme allgather or fp32")
+
+
+def _sharded_update(config: ExperimentConfig, weights: List, rank: int, world_size: int):
+    """The scheme 2 update cell: the owner's AdamW with the config's eps and weight decay (the betas are
+    `build_optimizer`'s, the config has none) and the same no-decay rule (biases, LayerNorms)."""
+    from ms_nlp_compress.parallel.sharded import ShardedLowBitUpdate
+    from ms_nlp_compress.train.optim import decay_mask
+
+    return ShardedLowBitUpdate(weights, config.comm, world_size, rank, optimizer="adam", beta1=0.9, beta2=0.999,
+                               eps=config.train.adam_epsilon, weight_decay=config.train.weight_decay,
+                               decay_flags=decay_mask(weights), max_grad_norm=config.train.max_grad_norm)
+
+
 def total_updates(train: TrainConfig, batches_per_epoch: int) -> int:
     if train.max_steps is not None:
         return train.max_steps
@@ -92,6 +115,9 @@ class Trainer:
         reducer: an injected gradient reducer Cell (grads tuple -> mean over ranks), e.g. a compressed exchange
             (default: MindSpore's all-reduce when world_size > 1); a Cell with Parameters (error feedback) is
             checkpointed too.
+            With `comm.scheme: sharded` and world_size > 1 there is neither: the Trainer builds an update cell
+            (parallel/sharded.py ShardedLowBitUpdate) that exchanges, and updates the Parameters on their owner
+            rank with the config's optimizer (adamw only) and schedule; `trainer.optimizer` then raises.
         checkpoint_cells: the cells whose Parameters make up the model part of a checkpoint (default: [model]);
             a distillation run passes the student and its projections, never the frozen teacher.
         after_update: called after every applied optimizer update (not after a skipped one), e.g. to refresh LAT's
@@ -134,10 +160,13 @@ class Trainer:
                     if param.name not in seen:
                         seen.add(param.name)
                         weights.append(param)
-        if optimizer is None:
+        sharded = world_size > 1 and config.comm.scheme == "sharded"
+        if sharded:  # refused before anything is built, on every rank alike
+            _check_sharded(config, optimizer, reducer)
+        elif optimizer is None:
             optimizer = build_optimizer(self.train.optimizer, weights, self.schedule,
                                         weight_decay=self.train.weight_decay, eps=self.train.adam_epsilon)
-        self.optimizer = optimizer
+        self._optimizer = optimizer
         from ms_nlp_compress.runtime import apply_precision
 
         # Mixed precision returns a copy of the loss cell that computes in float16 / bfloat16 and shares every
@@ -148,15 +177,17 @@ class Trainer:
         mode = resolve_loss_scale_mode(self.train.loss_scale, config.runtime.precision, config.runtime.amp_dtype)
         self.scaler = LossScaler(mode, self.train.loss_scale_value, self.train.loss_scale_factor,
                                  self.train.loss_scale_window)
-        if reducer is None and world_size > 1 and config.comm.compressed:
+        self.update_cell = _sharded_update(config, weights, rank, world_size) if sharded else None
+        if not sharded and reducer is None and world_size > 1 and config.comm.compressed:
             from ms_nlp_compress.parallel.lowbit import make_comm_reducer
 
             reducer = make_comm_reducer(config.comm, list(optimizer.parameters), world_size)
-        if reducer is None:
+        if not sharded and reducer is None:
             reducer = make_reducer(list(optimizer.parameters), world_size)
         self.reducer = reducer
-        self.step = TrainStep(loss_cell, self.optimizer, self.scaler, self.train.gradient_accumulation,
-                              self.train.max_grad_norm, reducer)
+        self.step = TrainStep(loss_cell, self._optimizer, self.scaler, self.train.gradient_accumulation,
+                              self.train.max_grad_norm, reducer, update_cell=self.update_cell,
+                              learning_rate=self.schedule.lr_at)
         if batches.dynamic_padding:
             self.step.set_dynamic_inputs([_dynamic_spec(dtype, shape) for dtype, shape in batches.column_layout()])
         self.checkpoint_dir = self.output_dir / "checkpoints"
@@ -164,6 +195,14 @@ class Trainer:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.state = {"epoch": 0, "next_batch": 0, "updates": 0, "best_metric": None, "best_step": None,
                       "last_eval": {}, "evaluated_update": None}
+
+    @property
+    def optimizer(self) -> nn.Optimizer:
+        if self._optimizer is None:
+            raise ConfigError("comm.scheme: with scheme sharded the owner ranks update the weights (their Adam "
+                              "moments are sharded): there is no Trainer optimizer to read (e.g. quant's LAT "
+                              "preconditioner); use comm.scheme allgather or fp32")
+        return self._optimizer
 
     # ----------------------------------------------------------------------------------------------------------
     def _checkpoint_model(self) -> nn.Cell:
@@ -177,7 +216,7 @@ class Trainer:
         """Everything besides the model that a resume needs and that is equal on every rank: optimizer moments and
         counters, accumulation buffers, and the reducer's own state unless it differs per rank (see
         `_per_rank_cells`)."""
-        cells = [self.optimizer]
+        cells = [self._optimizer] if self._optimizer is not None else []
         if self.step.accumulator is not None:
             cells.append(self.step.accumulator)
         if isinstance(self.reducer, nn.Cell) and list(self.reducer.get_parameters()) and not self._per_rank_cells():
@@ -187,6 +226,8 @@ class Trainer:
     def _per_rank_cells(self) -> List[nn.Cell]:
         """State that differs between ranks (a reducer declaring `per_rank_state`, e.g. error-feedback residuals):
         each rank checkpoints it in its own file next to rank 0's checkpoint (train/checkpoints.py)."""
+        if self.update_cell is not None:  # the owner's master shard, its Adam moments, counters, noise counter
+            return self.update_cell.rank_state_cells()
         if isinstance(self.reducer, nn.Cell) and getattr(self.reducer, "per_rank_state", False):
             return [self.reducer]
         return []
@@ -322,8 +363,9 @@ class Trainer:
                               "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
                               "skipped": not result.applied, "seconds": round(time.perf_counter() - started, 3)}
                     record.update({f"loss_{name}": float(np.mean(values)) for name, values in component_sums.items()})
-                    if hasattr(self.reducer, "comm_stats"):  # bytes handed to the collectives, exchanges so far
-                        record.update(self.reducer.comm_stats())
+                    exchange = self.update_cell if self.update_cell is not None else self.reducer
+                    if hasattr(exchange, "comm_stats"):  # bytes handed to the collectives, exchanges so far
+                        record.update(exchange.comm_stats())
                     self._write_metrics(record)
                     if progress.disable:  # no terminal (a log file, CI): the bar is off, so a line per log_every
                         self.log(f"train {updates}/{self.updates_total}: loss {record['loss']:.4f}, lr "
