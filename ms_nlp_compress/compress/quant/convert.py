@@ -17,17 +17,17 @@ is assigned (`validate_weights`).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, no_inline, ops
 
 from ms_nlp_compress.compress.quant import primitives
 from ms_nlp_compress.compress.quant.config import QuantConfig, WeightQuantConfig
 from ms_nlp_compress.compress.quant.packing import pack_rows, storage_bits, unpack_rows, unpack_rows_graph
-from ms_nlp_compress.compress.quant.prepare import (FakeQuantDense, FakeQuantEmbedding, _parent,
-                                                    activation_quantizer, dense_group)
+from ms_nlp_compress.compress.quant.prepare import FakeQuantDense, FakeQuantEmbedding, _parent, dense_group
+from ms_nlp_compress.compress.quant.ste import straight_through
 from ms_nlp_compress.errors import CheckpointError, ConfigError
 from ms_nlp_compress.models.checkpoint import cell_weights, load_weights, register_architecture
 from ms_nlp_compress.models.nezha import (NezhaForMaskedLM, NezhaForSequenceClassification, NezhaModel, QuantPoint)
@@ -130,32 +130,150 @@ def scale_shape(rows: int, spec: WeightQuantConfig) -> Tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class CodeDecoder(nn.Cell):
-    """Stored codes + scales -> float32 weight rows, in the graph (what the exported MindIR computes)."""
+# Graph functions of the deployed cells. Inlined (the default), every PackedDense, PackedEmbedding and activation
+# point copies ~10-20 nodes into the exported graph: 1,954 nodes for the MiniLM 2-2-8 classifier against 711 for
+# fp32, and a MindIR node costs ~600 bytes of names, input references and scope strings, so the graph alone was
+# 1.2 MB. `share_graph_functions(model)` switches the cells to `no_inline` copies of the same bodies: the MindIR then
+# stores each body once per input signature (a function graph) and every call site is one call node. Same ops in
+# the same order, so the same values. `no_inline` is documented for Ascend; measured on CPU with MindSpore 2.10:
+# export, graph-mode forward and ms.load + GraphCell honour it, BUT a loaded GraphCell that recompiles for a second
+# input shape fails ("The actor already exists: Call_..."), so loaders must compile it once for dynamic shapes
+# (`GraphCell.set_inputs(Tensor(shape=[None, None], dtype=ms.int32), ...)`, as export.mindir.verify_mindir does).
+_GRAPH_FUNCTIONS: Dict[tuple, Callable] = {}
 
-    def __init__(self, spec: WeightQuantConfig, cols: int):
-        super().__init__()
-        self.method = spec.method
-        self.bits = spec.bits
-        self.signed, self.field_bits = code_format(spec)
-        self.cols = cols
 
-    def construct(self, stored, scale, minimum):
-        if self.field_bits == 8:
+def _shared_function(key: tuple, build: Callable[[], Callable]) -> Callable:
+    """One `no_inline` function per key (a fresh function object: no_inline marks the object it is given)."""
+    function = _GRAPH_FUNCTIONS.get(key)
+    if function is None:
+        function = _GRAPH_FUNCTIONS[key] = no_inline(build())
+    return function
+
+
+def _decode_body(spec: WeightQuantConfig, cols: int) -> Callable:
+    """decode_codes(stored (rows, bytes), scale, minimum) -> float32 weight rows (rows, cols)."""
+    method, bits = spec.method, spec.bits
+    signed, field_bits = code_format(spec)
+
+    def decode_codes(stored, scale, minimum):
+        if field_bits == 8:
             codes = stored.astype(ms.int32)  # int8 arithmetic is avoided: several CPU kernels lack it
         else:
-            codes = unpack_rows_graph(stored, self.field_bits, self.cols)  # (rows, cols) unsigned fields
-            if self.signed:
-                if self.field_bits == 2:
+            codes = unpack_rows_graph(stored, field_bits, cols)  # (rows, cols) unsigned fields
+            if signed:
+                if field_bits == 2:
                     codes = codes - 1
                 else:
                     codes = codes - (codes >= 8).astype(ms.int32) * 16  # nibble sign extension
         values = codes.astype(ms.float32)
-        if self.method == "log":
-            return primitives.log_dequantize(values, scale, self.bits)
-        if self.method == "minmax":
+        if method == "log":
+            return primitives.log_dequantize(values, scale, bits)
+        if method == "minmax":
             return values * scale + minimum
         return values * scale
+
+    return decode_codes
+
+
+# Smallest normal float32: the step floor of the deployed symmetric activation quantizer (see below).
+_STEP_FLOOR = 1.1754944e-38
+
+
+def _activation_body(config: QuantConfig) -> Optional[Callable]:
+    """The recipe's activation fake-quant as a function (None: disabled).
+
+    Symmetric (TernaryBERT's, the default) in 8 ops instead of the training cell's 18, same values: the STE's
+    x*inside + (q - x*inside) is q in the forward pass (q and x*inside are within half a step, so the subtraction is
+    exact), the clamp of the codes to +-(2^(b-1)-1) never binds (|x| <= max|x| = top * step), and the safe division
+    becomes a division by max(step, smallest normal float), equal whenever step is 0 (then x is 0) or a normal
+    float; only activations whose max |x| is below 1.5e-36 quantize differently. Tested bit for bit against the
+    training cell (tests/compress/quant/test_quant_mindir_size.py). Min-max keeps the training cell's maths.
+    """
+    spec, clip = config.activation, config.activation_clip
+    if spec.method == "symmetric":
+        top_level = float(2 ** (spec.bits - 1) - 1)
+
+        def quantize_activation(x):
+            clipped = primitives.clip_symmetric(x, clip)
+            step = ops.amax(ops.abs(clipped)) / top_level
+            return ops.round(clipped / ops.maximum(step, _STEP_FLOOR)) * step
+    elif spec.method == "minmax":
+        def quantize_activation(x):
+            return straight_through(x, primitives.minmax_quantize(x, spec.bits, False, clip), clip)
+    else:
+        return None
+    return quantize_activation
+
+
+def _activation_key(config: QuantConfig) -> tuple:
+    return config.activation.method, config.activation.bits, config.activation_clip
+
+
+def _dense_body(spec: WeightQuantConfig, cols: int, config: QuantConfig, has_bias: bool,
+                shared: bool) -> Callable:
+    """packed_dense(x, stored, scale, minimum, bias): activation quant, decode, matmul (+ bias)."""
+    decode_codes = _decode_body(spec, cols)
+    # Shared: the activation quant is itself one function called here, so its body is not copied into every
+    # packed_dense signature (5 for MiniLM).
+    quantize_activation = (_shared_function(("activation",) + _activation_key(config),
+                                            lambda: _activation_body(config))
+                           if shared and config.activation.enabled else _activation_body(config))
+    matmul = ops.MatMul(transpose_b=True)
+    bias_add = ops.BiasAdd()
+
+    def packed_dense(x, stored, scale, minimum, bias):
+        x_shape = x.shape
+        if quantize_activation is not None:
+            x = quantize_activation(x)
+        if len(x_shape) != 2:
+            x = x.reshape(-1, x_shape[-1])  # (rows, in)
+        x = matmul(x, decode_codes(stored, scale, minimum))
+        if has_bias:
+            x = bias_add(x, bias)
+        if len(x_shape) != 2:
+            x = x.reshape(x_shape[:-1] + (x.shape[-1],))  # (..., out)
+        return x
+
+    return packed_dense
+
+
+def _lookup_body(spec: WeightQuantConfig, cols: int) -> Callable:
+    """packed_lookup(ids, stored, scale, minimum): per row, gather the rows' codes (and scales), decode only them."""
+    decode_codes = _decode_body(spec, cols)
+    per_row = spec.granularity == "row"
+    minmax = spec.method == "minmax"
+
+    def packed_lookup(ids, stored, scale, minimum):
+        flat_ids = ids.reshape(-1)
+        if per_row:
+            row_scale = ops.gather(scale, flat_ids, 0)  # (B*L, 1)
+            row_minimum = ops.gather(minimum, flat_ids, 0) if minmax else minimum
+            rows = decode_codes(ops.gather(stored, flat_ids, 0), row_scale, row_minimum)
+        else:
+            rows = ops.gather(decode_codes(stored, scale, minimum), flat_ids, 0)
+        return rows.reshape(ids.shape + (cols,))  # (B, L, H)
+
+    return packed_lookup
+
+
+class ActivationQuant(nn.Cell):
+    """Deployed activation quant point (the recipe's dynamic per-tensor quantizer; identity when disabled)."""
+
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.config = config
+        self.quantize = _activation_body(config)
+        self.enabled = self.quantize is not None
+
+    def share(self) -> None:
+        if self.enabled:
+            self.quantize = _shared_function(("activation",) + _activation_key(self.config),
+                                             lambda: _activation_body(self.config))
+
+    def construct(self, x):
+        if self.enabled:
+            return self.quantize(x)
+        return x
 
 
 def _code_parameters(cell: nn.Cell, prefix: str, kind: str, rows: int, cols: int, spec: WeightQuantConfig):
@@ -173,36 +291,35 @@ def _code_parameters(cell: nn.Cell, prefix: str, kind: str, rows: int, cols: int
 class PackedDense(nn.Cell):
     """A Dense with integer weight codes + scales; input activations are fake-quantized as in training."""
 
-    def __init__(self, dense: nn.Cell, spec: WeightQuantConfig, input_quant: nn.Cell, prefix: str):
+    def __init__(self, dense: nn.Cell, spec: WeightQuantConfig, config: QuantConfig, prefix: str):
         super().__init__()
         rows, cols = dense.weight.shape
         self.spec = spec
+        self.config = config
         self.weight_shape = (rows, cols)
         self.has_bias = dense.has_bias
         if self.has_bias:
             self.bias = dense.bias
         _code_parameters(self, prefix, "weight", rows, cols, spec)
         self.minmax = spec.method == "minmax"
-        self.decoder = CodeDecoder(spec, cols)
-        self.input_quant = input_quant
-        self.matmul = ops.MatMul(transpose_b=True)
-        self.bias_add = ops.BiasAdd()
+        self.decode_codes = _decode_body(spec, cols)
+        self.input_quant = ActivationQuant(config)  # DecodedDense keeps it; packed_dense quantizes by itself
+        self.packed_dense = _dense_body(spec, cols, config, self.has_bias, shared=False)
+
+    def share(self) -> None:
+        rows, cols = self.weight_shape
+        key = ("dense", self.spec.method, self.spec.bits, cols, self.has_bias) + _activation_key(self.config)
+        self.packed_dense = _shared_function(key, lambda: _dense_body(self.spec, cols, self.config, self.has_bias,
+                                                                      shared=True))
 
     def weight(self):
         minimum = self.weight_minimum if self.minmax else None
-        return self.decoder(self.weight_codes, self.weight_scale, minimum)
+        return self.decode_codes(self.weight_codes, self.weight_scale, minimum)
 
     def construct(self, x):
-        x_shape = x.shape
-        x = self.input_quant(x)
-        if len(x_shape) != 2:
-            x = x.reshape(-1, x_shape[-1])  # (rows, in)
-        x = self.matmul(x, self.weight())
-        if self.has_bias:
-            x = self.bias_add(x, self.bias)
-        if len(x_shape) != 2:
-            x = x.reshape(x_shape[:-1] + (x.shape[-1],))  # (..., out)
-        return x
+        minimum = self.weight_minimum if self.minmax else None
+        bias = self.bias if self.has_bias else None
+        return self.packed_dense(x, self.weight_codes, self.weight_scale, minimum, bias)
 
 
 class PackedEmbedding(nn.Cell):
@@ -213,26 +330,26 @@ class PackedEmbedding(nn.Cell):
         rows, cols = embedding.embedding_table.shape
         self.spec = spec
         self.embedding_size = cols
-        self.per_row = spec.granularity == "row"
         self.minmax = spec.method == "minmax"
         _code_parameters(self, prefix, "embedding", rows, cols, spec)
-        self.decoder = CodeDecoder(spec, cols)
+        self.decode_codes = _decode_body(spec, cols)
+        self.packed_lookup = _lookup_body(spec, cols)
+
+    def share(self) -> None:
+        spec, cols = self.spec, self.embedding_size
+        self.packed_lookup = _shared_function(("lookup", spec.method, spec.bits, spec.granularity, cols),
+                                              lambda: _lookup_body(spec, cols))
+        self.decode_codes = _shared_function(("decode", spec.method, spec.bits, cols),
+                                             lambda: _decode_body(spec, cols))
 
     def table(self):
         """The whole decoded table (V, H): the tied MLM decoder's weight."""
         minimum = self.embedding_minimum if self.minmax else None
-        return self.decoder(self.embedding_codes, self.embedding_scale, minimum)
+        return self.decode_codes(self.embedding_codes, self.embedding_scale, minimum)
 
     def construct(self, ids):
-        out_shape = ids.shape + (self.embedding_size,)
-        flat_ids = ids.reshape(-1)
-        if self.per_row:
-            scale = ops.gather(self.embedding_scale, flat_ids, 0)  # (B*L, 1)
-            minimum = ops.gather(self.embedding_minimum, flat_ids, 0) if self.minmax else None
-            rows = self.decoder(ops.gather(self.embedding_codes, flat_ids, 0), scale, minimum)
-        else:
-            rows = ops.gather(self.table(), flat_ids, 0)
-        return rows.reshape(out_shape)  # (B, L, H)
+        minimum = self.embedding_minimum if self.minmax else None
+        return self.packed_lookup(ids, self.embedding_codes, self.embedding_scale, minimum)
 
 
 class DecodedDense(nn.Cell):
@@ -292,9 +409,9 @@ def _pack_structure(model: nn.Cell, config: QuantConfig) -> nn.Cell:
         if isinstance(cell, nn.Dense):
             spec = getattr(config, dense_group(name))
             if spec.enabled:
-                replacements.append((name, PackedDense(cell, spec, activation_quantizer(config), name)))
+                replacements.append((name, PackedDense(cell, spec, config, name)))
             elif config.activation.enabled:
-                fake = FakeQuantDense(cell, QuantPoint(), activation_quantizer(config), spec)
+                fake = FakeQuantDense(cell, QuantPoint(), ActivationQuant(config), spec)
                 replacements.append((name, fake))
         elif isinstance(cell, nn.Embedding) and name.endswith("word_embeddings"):
             if not config.embedding.enabled:
@@ -304,7 +421,7 @@ def _pack_structure(model: nn.Cell, config: QuantConfig) -> nn.Cell:
         elif isinstance(cell, nn.Embedding) and config.position.enabled:
             replacements.append((name, PackedEmbedding(cell, config.position, name)))
         elif isinstance(cell, QuantPoint) and name.split(".")[-1] in _ACTIVATION_POINTS:
-            replacements.append((name, activation_quantizer(config)))
+            replacements.append((name, ActivationQuant(config)))
     for name, replacement in replacements:
         parent, attribute = _parent(model, name)
         parent.insert_child_to_cell(attribute, replacement)
@@ -457,6 +574,19 @@ def convert(prepared: nn.Cell, config: Optional[QuantConfig] = None) -> nn.Cell:
     load_weights(deployed, weights, strict=True, source="quant.convert", fresh=())
     deployed.set_train(False)
     return deployed
+
+
+def share_graph_functions(model: nn.Cell) -> nn.Cell:
+    """Switch a converted model's Packed cells and activation points to shared `no_inline` graph functions (in
+    place): same values, a much smaller exported graph (see `_GRAPH_FUNCTIONS` above for the GraphCell caveat)."""
+    shared = 0
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, (PackedDense, PackedEmbedding, ActivationQuant)):
+            cell.share()
+            shared += 1
+    if not shared:
+        raise ConfigError(f"share_graph_functions: {type(model).__name__} has no packed cells (run quant.convert)")
+    return model
 
 
 def decode(model: nn.Cell) -> nn.Cell:
