@@ -285,6 +285,10 @@ def verify_mindir(path: Union[str, Path], cell: nn.Cell,
         graph = nn.GraphCell(ms.load(str(path)))
     except (RuntimeError, ValueError) as err:
         raise ExportError(f"{path}: ms.load failed: {err}") from err
+    if inputs_list:
+        # Compile once for dynamic (batch, length), as a deployment would: a loaded graph holding non-inlined
+        # function graphs (quant.convert.share_graph_functions) fails to recompile per shape on CPU (MindSpore 2.10).
+        graph.set_inputs(*dynamic_input_specs(len(inputs_list[0])))
     cell.set_train(False)
     report = VerifyReport(path=path, file_bytes=path.stat().st_size, parameter_bytes=parameter_bytes(cell),
                           atol=atol)
