@@ -20,6 +20,11 @@ config = NezhaConfig(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=
 recipes = {
     "2-2-8 (position/type fp32)": {"preset": "2-2-8"},
     "2-2-8 + 8-bit row-wise position/type": {"preset": "2-2-8", "full_precision": ["classifier", "*.classifier"]},
+    # 4-bit position table; the 2 x 384 token-type table stays fp32 (4-bit row-wise: 48 % relative RMS error on the
+    # real teacher's table for 0.4 KB saved)
+    "2-2-8 + 4-bit row-wise position, fp32 type": {
+        "preset": "2-2-8", "full_precision": ["classifier", "*.classifier", "*token_type_embeddings"],
+        "position": {"method": "sym", "bits": 4, "granularity": "row"}},
 }
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 ms.set_seed(0)
