@@ -13,13 +13,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_quant_prepare import classifier  # noqa: E402
 
 from ms_nlp_compress.compress.quant.config import QuantConfig  # noqa: E402
-from ms_nlp_compress.compress.quant.convert import _activation_body, convert, share_graph_functions  # noqa: E402
+from ms_nlp_compress.compress.quant.convert import (_activation_body, convert, decode,  # noqa: E402
+                                                    share_graph_functions)
 from ms_nlp_compress.compress.quant.prepare import prepare  # noqa: E402
 from ms_nlp_compress.compress.quant.size import mindir_container_breakdown, mindir_report  # noqa: E402
 from ms_nlp_compress.compress.quant.ste import MinMaxQuantSTE, SymmetricQuantSTE  # noqa: E402
 from ms_nlp_compress.config import NezhaConfig  # noqa: E402
 from ms_nlp_compress.errors import ConfigError  # noqa: E402
 from ms_nlp_compress.export.mindir import export_mindir, inference_wrapper, verify_mindir  # noqa: E402
+from ms_nlp_compress.models.nezha import NezhaForMaskedLM  # noqa: E402
 
 
 def micro():
@@ -107,18 +109,41 @@ def test_container_breakdown_matches_protobuf_and_shared_functions_shrink_it(tmp
     assert check.worst <= 1e-5
 
 
-def test_shared_graph_functions_forward_equals_fake_quant_in_graph_mode(graph_mode):
-    recipe = {"preset": "2-2-8", "full_precision": ["classifier", "*.classifier"],
-              "pooler": {"method": "sym", "bits": 4}}  # packed position/type tables and a 4-bit group too
-    config = NezhaConfig(vocab_size=500, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                         position_embedding="absolute", max_position_embeddings=16, hidden_dropout=0.0,
-                         attention_dropout=0.0)
-    prepared = prepare(classifier(config, seed=6), QuantConfig.from_dict(recipe))
+SHARED_RECIPES = {
+    # packed position/type tables (8-bit) and a 4-bit symmetric group
+    "2-2-8": {"preset": "2-2-8", "full_precision": ["classifier", "*.classifier"],
+              "pooler": {"method": "sym", "bits": 4}},
+    # min-max codes (a minimum tensor per row), log codes, min-max activations
+    "mixed": {"encoder": {"method": "sym", "bits": 4}, "pooler": {"method": "log", "bits": 4},
+              "embedding": {"method": "minmax", "bits": 2, "granularity": "row"}, "activation": {"method": "minmax"}},
+}
+
+
+def absolute_positions():
+    return NezhaConfig(vocab_size=500, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                       position_embedding="absolute", max_position_embeddings=16, hidden_dropout=0.0,
+                       attention_dropout=0.0)
+
+
+@pytest.mark.parametrize("recipe", list(SHARED_RECIPES))
+def test_shared_graph_functions_forward_equals_fake_quant_in_graph_mode(recipe, graph_mode):
+    prepared = prepare(classifier(absolute_positions(), seed=6), QuantConfig.from_dict(SHARED_RECIPES[recipe]))
     prepared.set_train(False)
     deployed = share_graph_functions(convert(prepared))
     for batch in token_batches():  # two shapes: the shared functions recompile per shape in graph mode
         tensors = [Tensor(array) for array in batch]
         np.testing.assert_allclose(deployed(*tensors)[0].asnumpy(), prepared(*tensors)[0].asnumpy(), atol=1e-5)
+
+
+def test_shared_graph_functions_keep_the_tied_mlm_decoder_and_decode_once(graph_mode):
+    model = NezhaForMaskedLM(absolute_positions())
+    model.set_train(False)
+    prepared = prepare(model, QuantConfig())
+    tensors = [Tensor(array) for array in token_batches()[1]]
+    expected = prepared(*tensors)[0].asnumpy()
+    deployed = share_graph_functions(convert(prepared))
+    np.testing.assert_allclose(deployed(*tensors)[0].asnumpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(decode(deployed)(*tensors)[0].asnumpy(), expected, atol=1e-5)
 
 
 def test_share_graph_functions_refuses_a_model_without_packed_cells():
