@@ -4,7 +4,8 @@
 #
 #   sudo bash scripts/bench_lowbit_network.sh [OUT_DIR]
 #   env: BITS="32 8 4 2" (32 = fp32 all-reduce)  RATES="none,1gbit,100mbit"  STEPS=3  BATCH=4  SEQ=128
-#        SHAPE=minilm (MiniLM-L6-H384, 22.7M parameters) | minilm-2l (2 layers, 8k vocabulary, 6.7M)
+#        SHAPE=minilm (MiniLM-L6-H384, 22.7M parameters) | minilm-2l (2 layers, 8k vocabulary, 6.7M) | small (0.74M)
+#        SCHEME=allgather | sharded (scheme 2; WEIGHT_BITS=same|fp32|2..8, BUCKET=1024)
 #        RANKS=2  MASTER_PORT=8291  MSNC_PYTHON=.venv/bin/python
 #
 # Needs root (ip netns, tc); without it the script says so and exits 1. All traffic stays on the namespace's
@@ -46,7 +47,8 @@ for bits in $BITS; do
   ip netns exec "$NS" "$(dirname "$PYTHON")/msrun" --worker_num="$RANKS" --local_worker_num="$RANKS" \
     --master_addr=127.0.0.1 --master_port="$PORT" --log_dir="$OUT/logs_$bits" --join=True --cluster_time_out=300 \
     "$ROOT/scripts/bench_lowbit_worker.py" --bits "$bits" --rates "$RATES" --steps "${STEPS:-3}" \
-    --batch "${BATCH:-4}" --seq "${SEQ:-128}" --shape "${SHAPE:-minilm}" --out "$OUT/results.jsonl" >/dev/null
+    --batch "${BATCH:-4}" --seq "${SEQ:-128}" --shape "${SHAPE:-minilm}" --scheme "${SCHEME:-allgather}" \
+    --weight-bits "${WEIGHT_BITS:-same}" --bucket "${BUCKET:-1024}" --out "$OUT/results.jsonl" >/dev/null
   echo "   lo after:  $(ip -n "$NS" -s link show lo | awk '/TX:/{getline; print $1" bytes "$2" packets"}')" >&2
 done
 
@@ -59,6 +61,9 @@ print("|---|---|---|---|---|---|---|")
 for r in rows:
     base = fp32.get(r["rate"])
     name = "fp32 all-reduce" if r["bits"] == 32 else f"{r['bits']}-bit all-gather"
+    if r.get("scheme") == "sharded":
+        weights = "fp32" if r["weight_bits"] is None else f"{r['weight_bits']}-bit"
+        name = f"{r['bits']}-bit sharded, {weights} weights"
     speed = f"{base['median_step_seconds'] / r['median_step_seconds']:.2f}x" if base else "-"
     ratio = f"{base['loopback_tx_bytes_per_step'] / r['loopback_tx_bytes_per_step']:.1f}" if base else "-"
     print(f"| {name} | {r['rate'] if r['rate'] != 'none' else 'unthrottled'} | {r['median_step_seconds']:.2f} | "

@@ -1,5 +1,7 @@
-"""One msrun rank of scripts/bench_lowbit_network.sh: MiniLM-shaped training steps with fp32 all-reduce or the
-low-bit all-gather exchange, timed under several loopback rates set by rank 0 between phases.
+"""One msrun rank of scripts/bench_lowbit_network.sh: MiniLM-shaped training steps with fp32 all-reduce, the
+low-bit all-gather exchange (scheme 1) or the sharded worker/server update (scheme 2, `--scheme sharded`: the
+engine's update cell with the owner's Adam and `--weight-bits` weights), timed under several loopback rates set by
+rank 0 between phases.
 
 Runs inside a private network namespace (the shell script creates it), so the only traffic on its loopback is this
 job's. For each phase (a tc rate, or `none` for unthrottled): rank 0 sets the qdisc, all ranks meet at a barrier,
@@ -28,6 +30,8 @@ from mindspore import Tensor, nn, ops
 SHAPES = {
     "minilm": dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
     "minilm-2l": dict(vocab_size=8192, hidden_size=384, num_layers=2, num_heads=12, intermediate_size=1536),
+    # small: 0.74M parameters (2.94 MB of fp32 gradients): byte counts on a shared machine in seconds per launch
+    "small": dict(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512),
 }
 
 
@@ -61,6 +65,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="minilm")
+    parser.add_argument("--scheme", choices=("allgather", "sharded"), default="allgather",
+                        help="exchange for --bits 2..8 (32 is always the fp32 all-reduce)")
+    parser.add_argument("--weight-bits", default="same",
+                        help="sharded: bits of the gathered weights (2 = TWN, 3..8), 'same' = --bits, 'fp32'")
+    parser.add_argument("--bucket", type=int, default=1024, help="sharded: entries per scale (whole buckets per "
+                        "shard)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -71,6 +81,7 @@ def main() -> None:
     from ms_nlp_compress.models.nezha import NezhaForSequenceClassification
     from ms_nlp_compress.parallel.comm_config import CommConfig
     from ms_nlp_compress.parallel.lowbit import LowBitAllGatherReducer
+    from ms_nlp_compress.parallel.sharded import ShardedLowBitUpdate
     from ms_nlp_compress.train.losses import SequenceClassificationLoss
     from ms_nlp_compress.train.step import TrainStep, make_reducer
 
@@ -84,12 +95,21 @@ def main() -> None:
                          **SHAPES[args.shape])
     model = NezhaForSequenceClassification(config, 2)
     params = model.trainable_params()
-    optimizer = nn.AdamWeightDecay(params, learning_rate=1e-5)
-    if args.bits == 32:
-        reducer = make_reducer(params, size)
+    sharded = args.bits != 32 and args.scheme == "sharded"
+    weight_bits = None
+    if sharded:
+        named = {"same": args.bits, "fp32": None}
+        weight_bits = named[args.weight_bits] if args.weight_bits in named else int(args.weight_bits)
+        comm = CommConfig(scheme="sharded", gradient_bits=args.bits, weight_bits=weight_bits, bucket_size=args.bucket)
+        update = ShardedLowBitUpdate(params, comm, size, rank, optimizer="adam", max_grad_norm=1.0)
+        step = TrainStep(SequenceClassificationLoss(model), None, update_cell=update, learning_rate=lambda t: 1e-5)
     else:
-        reducer = LowBitAllGatherReducer(params, CommConfig(scheme="allgather", gradient_bits=args.bits), size)
-    step = TrainStep(SequenceClassificationLoss(model), optimizer, reducer=reducer, max_grad_norm=1.0)
+        optimizer = nn.AdamWeightDecay(params, learning_rate=1e-5)
+        if args.bits == 32:
+            reducer = make_reducer(params, size)
+        else:
+            reducer = LowBitAllGatherReducer(params, CommConfig(scheme="allgather", gradient_bits=args.bits), size)
+        step = TrainStep(SequenceClassificationLoss(model), optimizer, reducer=reducer, max_grad_norm=1.0)
     step.set_train()
     rng = np.random.default_rng(rank)
     ids = Tensor(rng.integers(1000, config.vocab_size, (args.batch, args.seq)).astype(np.int32))
@@ -102,7 +122,8 @@ def main() -> None:
     step(ids, mask, types, labels)  # compile + first step
     compile_seconds = time.perf_counter() - compile_started
     gradient_bytes = 4 * sum(int(np.prod(p.shape)) for p in params)
-    handed = gradient_bytes if args.bits == 32 else reducer.bytes_per_step()["lowbit"]
+    legs = update.bytes_per_step() if sharded else None
+    handed = gradient_bytes if args.bits == 32 else legs["lowbit"] if sharded else reducer.bytes_per_step()["lowbit"]
     for rate in args.rates.split(","):
         barrier(token).asnumpy()
         if rank == 0:
@@ -125,7 +146,9 @@ def main() -> None:
                       "loopback_tx_bytes_per_step": (after["tx_bytes"] - before["tx_bytes"]) / args.steps,
                       "loopback_tx_packets_per_step": (after["tx_packets"] - before["tx_packets"]) / args.steps,
                       "bytes_handed_per_rank_per_step": handed, "fp32_gradient_bytes": gradient_bytes,
-                      "compile_and_first_step_seconds": compile_seconds, "last_loss": result.loss}
+                      "compile_and_first_step_seconds": compile_seconds, "last_loss": result.loss,
+                      "scheme": "fp32" if args.bits == 32 else args.scheme, "weight_bits": weight_bits,
+                      "bytes_by_leg": legs}
             with open(args.out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(json.dumps(record), flush=True)

@@ -4,17 +4,22 @@ Rank r owns buckets [r*S/B, (r+1)*S/B) of the fused parameter vector (S = padded
 keeps the fp32 MASTER copy of that shard. Each update:
 
     worker  : low-bit gradient codes + scales of its whole gradient (as in scheme 1)
-    to owner: chunk j of every rank's codes goes to rank j          all-to-all on Ascend (HCCL); on CPU emulated by
-                                                                    AllGather + local selection: same maths,
-                                                                    not byte-saving (CPU has no AlltoAll kernel)
-    owner   : mean of its chunk over ranks -> update of its master shard by the owner's optimizer: SGD
+    to owner: chunk j of every rank's codes goes to rank j          an all-to-all in the design; here, on every
+                                                                    device, AllGather + local selection: the same
+                                                                    maths, not byte-saving (MindSpore's CPU backend
+                                                                    has no AlltoAll kernel; no HCCL path yet)
+    verdict : one AllReduce of 2 floats: [my mean shard's sum of squares, my non-finite local entries] -> the same
+              skip decision and the global norm of the MEAN gradient on every rank -> optional global-norm clip
+    owner   : update of its master shard by the owner's optimizer at the lr it is given: SGD
               (master -= lr * mean) or Adam (moments of its shard only, bias-corrected, decoupled weight decay)
               quantize the updated shard per bucket: TWN (weight_bits 2), symmetric m-bit (3..8) or fp32 (null)
     all     : AllGather(int32 weight codes) + AllGather(float32 per-bucket units) -> every rank writes the
               dequantized weights into its model Parameters (forward and backward run at the low-bit weights)
 
-With the Ascend collectives a rank sends about b*d*(N-1)/N gradient bits and receives m*d*(N-1)/N weight bits per
-update, a saving near 32/b at any N; on CPU the gradient leg costs what scheme 1 costs.
+The engine drives it as an update cell (train/step.py `TrainStep(update_cell=...)`, built by the Trainer for
+`comm.scheme: sharded`): it replaces both the gradient reducer and the optimizer. With an all-to-all a rank would
+send about b*d*(N-1)/N gradient bits and receive m*d*(N-1)/N weight bits per update, a saving near 32/b at any N;
+with today's AllGather the gradient leg costs what scheme 1 costs.
 """
 from __future__ import annotations
 
@@ -68,8 +73,8 @@ def decay_runs(sizes: Sequence[int], flags: Sequence[bool], start: int, length: 
 class _ShardState(nn.Cell):
     """What an owner keeps between updates, different on every rank: its fp32 master shard, the two Adam moments
     of that shard (Adam only), and two counters (applied updates: Adam's t and the schedule's position; calls,
-    skipped ones included: the byte accounting). A Cell of its own so that per-rank checkpoints hold exactly this (plus the noise
-    counter), never a copy of the model."""
+    skipped ones included: the byte accounting). A Cell of its own so that per-rank checkpoints hold exactly this
+    (plus the noise counter), never a copy of the model."""
 
     def __init__(self, initial_shard: np.ndarray, adam: bool):
         super().__init__()

@@ -358,11 +358,13 @@ def rank_state(root: Path, run: str, update: int, rank: int):
     return read_safetensors(root / run / "checkpoints" / f"step-{update:07d}.rank{rank}.safetensors")
 
 
-def reference_gradients(model, loss_fn_params, weights, batch):
+def reference_gradients(model, grad_fn, weights, batch):
+    """The loss gradients of a fresh model (PyNative) set to `weights`, on one recorded batch."""
     for name, param in model.parameters_and_names():
         if name in weights:
             param.set_data(Tensor(weights[name]))
-    return loss_fn_params(*[Tensor(column) for column in batch])
+    _, grads = grad_fn(*[Tensor(column) for column in batch])
+    return [grad.asnumpy() for grad in grads]
 
 
 def test_msnc_finetune_sharded_matches_twin_and_ranks_agree(reference):
@@ -392,8 +394,7 @@ def test_msnc_finetune_sharded_matches_twin_and_ranks_agree(reference):
         flats = []
         for rank, record in enumerate(records):
             batch = [record[f"b{update - 1}_c{column}"] for column in range(4)]
-            _, grads = reference_gradients(model, grad_fn, weights, batch)
-            flats.append(fused([g.asnumpy() for g in grads], padded))
+            flats.append(fused(reference_gradients(model, grad_fn, weights, batch), padded))
         assert not np.array_equal(records[0][f"b{update - 1}_c0"], records[1][f"b{update - 1}_c0"])  # own data
         mean = low_bit_mean(flats, SEED, update, groups, 4)
         gradient, norm = clip(mean, MAX_NORM)
@@ -416,7 +417,7 @@ def test_msnc_finetune_sharded_matches_twin_and_ranks_agree(reference):
         # weight_bits null: the model Parameters ARE the gathered masters, bit for bit
         np.testing.assert_array_equal(fused([saved[name] for name in names], padded)[:sum(sizes)],
                                       engine_master[:sum(sizes)])
-    assert clipped >= 1 and master[:sum(sizes)].std() > 0
+    assert clipped >= 1  # the clip of the mean gradient bit at least once
     assert np.abs(master - fused([initial[name] for name in names], padded)).max() > 0.005  # it trained
     finals = [dict(np.load(root / "record_reference" / "0" / f"final_{rank}.npz")) for rank in (0, 1)]
     for name in finals[0]:
