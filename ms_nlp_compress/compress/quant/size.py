@@ -3,7 +3,8 @@
 Groups: word embedding, position/type embeddings, encoder weights (codes + scales or float), biases and norms,
 pooler/classifier, MLM head, and `container` = file bytes not in any tensor (safetensors JSON header, MindIR graph
 protobuf). Every tensor's bytes are read from the file itself (safetensors header offsets; MindIR raw_data
-lengths), so group sums + container == file size exactly.
+lengths), so group sums + container == file size exactly. `mindir_container_breakdown` splits a MindIR container
+further by kind (node names, input references, scopes, attributes, constants, function graphs, ...) and op type.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Union
+
+from ms_nlp_compress.errors import CheckpointError
 
 GROUPS = ("word_embedding", "position_type_embeddings", "encoder_weights", "biases_and_norms",
           "pooler_classifier", "mlm_head", "other", "container")
@@ -144,7 +147,9 @@ def _wire_fields(data: bytes, start: int, end: int):
         elif wire_type == 5:
             payload, position = position, position + 4
         else:
-            raise ValueError(f"MindIR protobuf: unsupported wire type {wire_type} at byte {field_start}")
+            raise ValueError(f"unsupported protobuf wire type {wire_type} at byte {field_start}")
+        if position > end:
+            raise ValueError(f"field {number} at byte {field_start} runs past its message's end (byte {end})")
         yield number, field_start, payload, position
 
 
@@ -215,16 +220,19 @@ def mindir_container_breakdown(path: Union[str, Path]) -> ContainerBreakdown:
     data = Path(path).read_bytes()
     kinds = {kind: 0 for kind in CONTAINER_KINDS}
     breakdown = ContainerBreakdown(kinds=kinds)
-    for number, start, payload, end in _wire_fields(data, 0, len(data)):
-        if number == _MODEL_FUNCTIONS:
-            kinds["functions"] += end - start
-        elif number == _MODEL_PRIMITIVES:
-            kinds["primitives"] += end - start
-        elif number != _MODEL_GRAPH:
-            kinds["other"] += end - start
-        else:
-            kinds["framing"] += payload - start
-            _graph_breakdown(data, payload, end, breakdown)
+    try:
+        for number, start, payload, end in _wire_fields(data, 0, len(data)):
+            if number == _MODEL_FUNCTIONS:
+                kinds["functions"] += end - start
+            elif number == _MODEL_PRIMITIVES:
+                kinds["primitives"] += end - start
+            elif number != _MODEL_GRAPH:
+                kinds["other"] += end - start
+            else:
+                kinds["framing"] += payload - start
+                _graph_breakdown(data, payload, end, breakdown)
+    except (IndexError, ValueError) as err:  # IndexError: a varint cut off by the end of the file
+        raise CheckpointError(f"{path}: not a valid MindIR protobuf ({err or 'truncated varint'})") from None
     return breakdown
 
 

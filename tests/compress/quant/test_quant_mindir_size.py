@@ -19,7 +19,7 @@ from ms_nlp_compress.compress.quant.prepare import prepare  # noqa: E402
 from ms_nlp_compress.compress.quant.size import mindir_container_breakdown, mindir_report  # noqa: E402
 from ms_nlp_compress.compress.quant.ste import MinMaxQuantSTE, SymmetricQuantSTE  # noqa: E402
 from ms_nlp_compress.config import NezhaConfig  # noqa: E402
-from ms_nlp_compress.errors import ConfigError  # noqa: E402
+from ms_nlp_compress.errors import CheckpointError, ConfigError  # noqa: E402
 from ms_nlp_compress.export.mindir import export_mindir, inference_wrapper, verify_mindir  # noqa: E402
 from ms_nlp_compress.models.nezha import NezhaForMaskedLM  # noqa: E402
 
@@ -107,6 +107,10 @@ def test_container_breakdown_matches_protobuf_and_shared_functions_shrink_it(tmp
     # The shared file reloads (compiled once for dynamic shapes) equal to the fake-quant model on two shapes.
     check = verify_mindir(shared_path, inference_wrapper(prepared, "classifier"), token_batches(), atol=1e-5)
     assert check.worst <= 1e-5
+    truncated = tmp_path / "truncated.mindir"
+    truncated.write_bytes(shared_path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated.mindir: not a valid MindIR protobuf"):
+        mindir_container_breakdown(truncated)
 
 
 SHARED_RECIPES = {
