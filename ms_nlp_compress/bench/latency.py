@@ -121,6 +121,17 @@ def forward_latency_ms(model, batch_size: int, sequence_length: int, vocab_size:
     return float(timer.summary()["median_ms"])
 
 
+def best_within_budget(items: Sequence, budget_ms: float, latency: Callable, accuracy: Callable,
+                       size: Optional[Callable] = None):
+    """The deploy rule shared by `msnc dynabert select` and `msnc compress --latency-ms`: of the `items` whose
+    `latency(item)` is within `budget_ms`, the one with the best `accuracy(item)`; ties go to the faster, then to the
+    smaller (`size(item)`). None when nothing fits."""
+    fits = [item for item in items if latency(item) <= budget_ms]
+    if not fits:
+        return None
+    return max(fits, key=lambda item: (accuracy(item), -latency(item), -(size(item) if size else 0)))
+
+
 def _mindspore_cases(weights, variant: str, batch_sizes: Sequence[int], seq: int, train: bool, seed: int,
                      dropout_impl: str) -> Dict[str, Callable[[], None]]:
     from mindspore import Tensor
@@ -313,7 +324,7 @@ def format_table(result: Dict) -> str:
     return "\n".join(lines) + "\n\n" + notes
 
 
-def _int_list(text: str) -> List[int]:
+def int_list(text: str) -> List[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -336,7 +347,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench", help="MindSpore vs PyTorch latency and train-step time on the MiniLM-L6 shape",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 32], help="inference batch sizes (1,32)")
+    parser.add_argument("--batch-sizes", type=int_list, default=[1, 32], help="inference batch sizes (1,32)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length (128)")
     parser.add_argument("--train", action="store_true", help="also time the train step (batch 32, AdamW)")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (5)")
@@ -353,7 +364,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--models", default=None, metavar="NAME=DIR,NAME=DIR",
                         help="time saved model directories against the first one instead (bench/models.py): "
                              "e.g. teacher=runs/vader_sst2_cpu/best,student=runs/tinybert_vader_cpu/best")
-    parser.add_argument("--seqs", type=_int_list, default=None,
+    parser.add_argument("--seqs", type=int_list, default=None,
                         help="with --models: sequence lengths (default: --seq)")
     parser.add_argument("--distill", action="store_true",
                         help="with --models TEACHER,STUDENT: time the fine-tune and distillation updates")

@@ -114,12 +114,7 @@ def run_child(command: Sequence[str], what: str, timeout_seconds: Optional[float
     try:
         status = process.wait(timeout=timeout_seconds)
     except BaseException as err:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process, grace_seconds=10)
         if isinstance(err, subprocess.TimeoutExpired):
             raise MsncError(f"{what}: did not finish within {timeout_seconds:g} s (launch.timeout_seconds); "
                             "stopped it") from None
@@ -172,8 +167,9 @@ def _descendants(pid: int) -> List[int]:
 
 
 def _stop(process: subprocess.Popen, grace_seconds: float = 30.0) -> None:
-    """Stop msrun and its ranks: SIGINT (msrun's handler kills every worker's session), then SIGKILL msrun and
-    whichever of its processes outlived it (a signal that lands before msrun installed its handler)."""
+    """Stop a child (msrun and its ranks, or a pipeline stage's `msnc`): SIGINT (msrun's handler kills every worker's
+    session; Python raises KeyboardInterrupt), then SIGKILL the child and whichever of its processes outlived it (a
+    signal that lands before a handler is installed)."""
     if process.poll() is not None:
         return
     spawned = _descendants(process.pid)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ms_nlp_compress.atomic import write_text_atomic
+from ms_nlp_compress.bench.latency import best_within_budget
 from ms_nlp_compress.errors import MsncError
 
 # The reference's published headline ratios (algorithms.md Part B 6), printed beside ours.
@@ -56,15 +57,17 @@ def choose_for_budget(rows: List[Dict], latency_ms: float, batch_size: int) -> D
         measured = sorted({size for row in rows for size in row.get("latency_ms", {})}, key=int)
         raise MsncError(f"no model was timed at batch {batch_size} (measured batch sizes: "
                         f"{', '.join(measured) or 'none'}); add it to measure.batch_sizes and rerun")
-    fits = [row for row in timed if row["latency_ms"][key] <= latency_ms and row.get("dev_metric") is not None]
+    scored = [row for row in timed if row.get("dev_metric") is not None]
+    fits = [row for row in scored if row["latency_ms"][key] <= latency_ms]
     result = {"latency_ms": float(latency_ms), "batch_size": int(batch_size),
               "fits": [row["label"] for row in fits], "chosen": None}
-    if not fits:
+    best = best_within_budget(scored, latency_ms, lambda row: row["latency_ms"][key], lambda row: row["dev_metric"],
+                              lambda row: row["model_dir_bytes"])
+    if best is None:
         fastest = min(timed, key=lambda row: row["latency_ms"][key])
         result["reason"] = (f"no model within {latency_ms:g} ms at batch {batch_size}; the fastest is "
                             f"{fastest['label']} at {fastest['latency_ms'][key]:.1f} ms")
         return result
-    best = max(fits, key=lambda row: (row["dev_metric"], -row["latency_ms"][key], -row["model_dir_bytes"]))
     result.update(chosen=best["label"], dev=best["dev_metric"], test=best.get("test_metric"),
                   chosen_latency_ms=best["latency_ms"][key], model_dir=best.get("model_dir"),
                   reason=f"best dev of {len(fits)} model(s) within the budget")

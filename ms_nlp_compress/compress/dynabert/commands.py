@@ -3,7 +3,9 @@
     msnc dynabert importance --config X.yaml [--set k=v ...]        score + rewire the teacher: <output_dir>/rewired
     msnc dynabert train --config X.yaml [--no-resume]                stages width, width_depth: <output_dir>/dynabert
     msnc dynabert extract --config X.yaml --width W --depth D [--output DIR] [--model DIR]
-    msnc dynabert grid --config X.yaml                               dev/test per (w, d): grid.json, grid.png
+    msnc dynabert grid --config X.yaml [--measure [--batch-sizes 1,32] [--seq 128] [--repeat R]]
+                                                                     dev/test per (w, d): grid.json, grid*.png;
+                                                                     --measure: extract + time each, size, speedup
     msnc dynabert select --config X.yaml --latency-ms X --batch-size B [--seq N] [--repeat R]
 
 `select` prints one JSON line (the selected sub-network and every candidate's measured latency) and one human line.
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from ms_nlp_compress.bench.latency import int_list
 
 
 def _config(args: argparse.Namespace):
@@ -41,7 +45,8 @@ def run_command(args: argparse.Namespace) -> int:
         _runtime(config)
         report = run.run_extract(config, args.width, args.depth, args.output, args.model)
     elif command == "grid":
-        report = run.run_grid(config, args.model)
+        report = run.run_grid(config, args.model, measure=args.measure, batch_sizes=args.batch_sizes,
+                              sequence_length=args.seq or 128, repeat=args.repeat)
     else:
         _runtime(config)
         report = run.run_select(config, args.latency_ms, args.batch_size, args.model, args.seq, args.repeat,
@@ -68,7 +73,8 @@ def add_parser(subparsers) -> None:
         "train": "stage width (DynaBERT_W) then width_depth (DynaBERT), resumable, finished stages skipped: "
                  "<output_dir>/dynabert and results.json",
         "extract": "write the (--width, --depth) sub-network as an ordinary model directory",
-        "grid": "dev/test accuracy of every trained (width, depth): grid.json, grid.png (accuracy vs FLOPs)",
+        "grid": "dev/test accuracy of every trained (width, depth): grid.json, grid.png (accuracy vs FLOPs); "
+                "--measure adds size, latency and speedup of every extracted sub-network",
         "select": "time the extracted sub-networks here and pick the most accurate within --latency-ms",
     }
     for name, text in helps.items():
@@ -84,9 +90,16 @@ def add_parser(subparsers) -> None:
             command.add_argument("--width", type=float, required=True)
             command.add_argument("--depth", type=float, required=True)
             command.add_argument("--output", default=None, help="default <output_dir>/extracted/w<W>_d<D>")
+        if name == "grid":
+            command.add_argument("--measure", action="store_true",
+                                 help="also extract every sub-network and time it here: latency, size, speedup vs "
+                                      "FLOPs, grid_latency.png and grid_size.png")
+            command.add_argument("--batch-sizes", type=int_list, default=[1, 32], help="with --measure (1,32)")
         if name == "select":
             command.add_argument("--latency-ms", type=float, required=True, help="budget per batch")
             command.add_argument("--batch-size", type=int, required=True)
-            command.add_argument("--seq", type=int, default=None, help="sequence length (default data.max_length)")
+        if name in ("grid", "select"):
+            command.add_argument("--seq", type=int, default=None,
+                                 help="timed sequence length (default: grid 128, select data.max_length)")
             command.add_argument("--repeat", type=int, default=5, help="timed forwards per candidate (median)")
         command.set_defaults(func=run_command)

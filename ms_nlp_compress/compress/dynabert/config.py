@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from ms_nlp_compress.config import TrainConfig, from_mapping, train_overrides
 from ms_nlp_compress.errors import ConfigError
 
-STAGES = ("width", "width_depth")  # DynaBERT_W (stage 1), DynaBERT (stage 2)
+# DynaBERT_W (stage 1), DynaBERT (stage 2), the optional final fine-tuning (the reference's `final_finetuning`:
+# every sub-network on the labels, no teacher)
+STAGES = ("width", "width_depth", "final")
 TEACHERS = ("same_width", "full_width")  # stage 2: the paper's teacher, or the reference code's
 GRAPHS = ("separate", "single")  # one gradient graph per sub-network (summed), or one graph over all of them
 
@@ -29,7 +31,7 @@ class DynaBertConfig:
 
     width_multipliers: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     depth_multipliers: List[float] = field(default_factory=lambda: [1.0, 0.75, 0.5])
-    stage: str = "width"  # width: DynaBERT_W (depth 1.0 only); width_depth: DynaBERT (every depth)
+    stage: str = "width"  # width: DynaBERT_W (depth 1.0 only); width_depth: DynaBERT (every depth); final: labels
     teacher: str = "full_width"  # stage width_depth: same_width (paper) or full_width (reference code)
     stage1_logits_weight: float = 1.0
     stage1_hidden_weight: float = 0.1
@@ -47,6 +49,11 @@ class DynaBertConfig:
     stages: List[str] = field(default_factory=lambda: ["width", "width_depth"])
     width_train: Dict[str, Any] = field(default_factory=dict)
     width_depth_train: Dict[str, Any] = field(default_factory=dict)
+    final_train: Dict[str, Any] = field(default_factory=dict)
+    # TinyBERT's data augmentation (`msnc augment`'s TSV, originals included) replaces the training split in the
+    # stages listed (the reference: both distillation stages with --data_aug; the final fine-tuning without).
+    augmented_train: Optional[str] = None
+    augmented_stages: List[str] = field(default_factory=lambda: ["width", "width_depth"])
 
     def validate(self, prefix: str = "dynabert") -> None:
         def check(condition: bool, key: str, message: str) -> None:
@@ -75,6 +82,8 @@ class DynaBertConfig:
             check(stage in STAGES, "stages", f"every stage must be one of {STAGES}, got {stage!r}")
         check(list(self.stages) == sorted(set(self.stages), key=STAGES.index), "stages",
               f"must be in order {list(STAGES)} without repeats, got {list(self.stages)}")
+        for stage in self.augmented_stages:
+            check(stage in STAGES, "augmented_stages", f"every stage must be one of {STAGES}, got {stage!r}")
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], source: str = "<dict>") -> "DynaBertConfig":
@@ -106,7 +115,9 @@ class DynaBertConfig:
         return tuple(sorted((float(d) for d in self.depth_multipliers), reverse=True))
 
     def loss_weights(self) -> Tuple[float, float]:
-        """(logits weight, hidden weight) of this stage."""
+        """(logits weight, hidden weight) of this stage (stage `final` has no teacher: (0, 0))."""
+        if self.stage == "final":
+            return 0.0, 0.0
         if self.stage == "width":
             return self.stage1_logits_weight, self.stage1_hidden_weight
         return self.stage2_logits_weight, self.stage2_hidden_weight

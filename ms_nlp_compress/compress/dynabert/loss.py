@@ -19,7 +19,7 @@ with teacher state floor(j / d) (`depth_layer_mapping`); no attention term, no p
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -29,10 +29,32 @@ from ms_nlp_compress.compress.dynabert.config import GRAPHS, DynaBertConfig
 from ms_nlp_compress.compress.dynabert.elastic import ElasticModel, names_kept
 from ms_nlp_compress.compress.dynabert.sizes import depth_layer_mapping
 from ms_nlp_compress.errors import ConfigError
+from ms_nlp_compress.train.losses import cross_entropy
 
-# A teacher for every sub-network: one Cell (the fine-tuned full model, or full-width DynaBERT_W), or a callable
-# (width, depth) -> Cell (stage 2's same-width DynaBERT_W sub-network).
-Teacher = Union[nn.Cell, Callable[[float, float], nn.Cell]]
+# A teacher for every sub-network: one Cell (the fine-tuned full model, or full-width DynaBERT_W), a callable
+# (width, depth) -> Cell (stage 2's same-width DynaBERT_W sub-network), or None (stage `final`: labels only).
+Teacher = Optional[Union[nn.Cell, Callable[[float, float], nn.Cell]]]
+
+
+class LabelLoss(nn.Cell):
+    """One sub-network's ground-truth loss, no teacher (the final fine-tuning stage): cross-entropy with the labels,
+    or MSE to them for a one-output regression head. Returns (loss, (loss,)) like a Distiller."""
+
+    component_names = ("label",)
+
+    def __init__(self, student: nn.Cell, regression: bool = False):
+        super().__init__(auto_prefix=False)
+        self.student = student
+        self.regression = bool(regression)
+
+    def construct(self, input_ids, attention_mask, token_type_ids, labels):
+        logits = self.student(input_ids, attention_mask, token_type_ids)[0].astype(ms.float32)
+        if self.regression:
+            error = logits.reshape(-1) - labels.astype(ms.float32)
+            loss = (error * error).mean()
+        else:
+            loss = cross_entropy(logits, labels)
+        return loss, (loss,)
 
 
 class DynaBertLoss(nn.Cell):
@@ -40,7 +62,8 @@ class DynaBertLoss(nn.Cell):
 
     Args:
         elastic: the student's ElasticModel (its `model` is what the optimizer trains and the trainer saves).
-        teacher: see `Teacher`; it must return hidden states (built with output_hidden_states=True).
+        teacher: see `Teacher`; it must return hidden states (built with output_hidden_states=True). None: each
+            sub-network learns from the labels alone (`LabelLoss`; the weights are then unused).
         widths, depths: the sub-networks, visited depth-major in the order given (the reference: descending).
         logits_weight, hidden_weight: DynaBERT's lambda1, lambda2.
         regression: one-output head: MSE to the teacher's output instead of soft cross-entropy.
@@ -65,13 +88,16 @@ class DynaBertLoss(nn.Cell):
                 mapping = depth_layer_mapping(num_layers, depth)
                 for width in widths:
                     student = elastic.subnetwork(width, depth, hidden_states=True)
+                    names.append(elastic.shape(width, depth).name)
+                    if teacher is None:
+                        distillers.append(LabelLoss(student, regression))
+                        continue
                     teacher_cell = teacher if isinstance(teacher, nn.Cell) else teacher(width, depth)
                     distillers.append(Distiller(
                         teacher_cell, student, mapping,
                         HiddenProjection("none", hidden_size, hidden_size, len(mapping.hidden_pairs())),
                         embedding_weight=hidden_weight, hidden_weight=hidden_weight, attention_weight=0.0,
                         prediction_weight=logits_weight, regression=regression))
-                    names.append(elastic.shape(width, depth).name)
             self.distillers = nn.CellList(distillers)
         self.component_names = tuple(names)
         self.elastic = elastic
@@ -101,10 +127,11 @@ class DynaBertLoss(nn.Cell):
 def build_loss(elastic: ElasticModel, config: DynaBertConfig, teacher: Teacher,
                regression: bool = False) -> DynaBertLoss:
     """The stage's loss from the `dynabert:` section: widths and depths (stage `width`: depth 1.0 only), weights,
-    graph mode."""
+    graph mode. Stage `final` ignores `teacher`: every sub-network learns from the labels."""
     config.validate()
     logits_weight, hidden_weight = config.loss_weights()
-    return DynaBertLoss(elastic, teacher, config.widths(), config.depths(), logits_weight, hidden_weight,
+    return DynaBertLoss(elastic, None if config.stage == "final" else teacher, config.widths(), config.depths(),
+                        logits_weight, hidden_weight,
                         regression, config.graph)
 
 

@@ -28,12 +28,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ms_nlp_compress.atomic import write_text_atomic
-from ms_nlp_compress.bench.latency import forward_latency_ms
+from ms_nlp_compress.bench.latency import best_within_budget, forward_latency_ms
 from ms_nlp_compress.compress.distill.run import MODEL_INPUTS, encoder_flops, final_losses
 from ms_nlp_compress.config import ExperimentConfig
 from ms_nlp_compress.errors import ConfigError, DataError
 
-STAGE_DIRS = {"width": "stage1_width", "width_depth": "stage2_width_depth"}
+STAGE_DIRS = {"width": "stage1_width", "width_depth": "stage2_width_depth", "final": "stage3_final"}
 STAGE_DONE = "stage.json"  # written last by a finished stage: its presence skips the stage on a rerun
 REWIRED_DIR = "rewired"  # the importance-ordered teacher, where training starts
 MODEL_DIR = "model"  # the model a stage writes inside its directory
@@ -209,7 +209,9 @@ def _train_stage(stage: str, config: ExperimentConfig, output_dir: Path, start_d
     run_config = dataclasses.replace(config, train=section.stage_train(config.train, stage))
     student, student_config, document = _load_classifier(start_dir, task, str(start_dir))
     elastic = ElasticModel(student)
-    if stage == "width":  # DynaBERT_W distils from the fine-tuned model (the rewired one: the same function)
+    if stage == "final":  # the optional final fine-tuning: every sub-network on the labels, no teacher
+        teacher, teacher_name = None, "none (labels)"
+    elif stage == "width":  # DynaBERT_W distils from the fine-tuned model (the rewired one: the same function)
         teacher_model = _load_classifier(teacher_dir, task, str(teacher_dir), hidden_states=True)[0]
         teacher = Frozen(teacher_model)
         teacher_name = str(teacher_dir)
@@ -220,13 +222,22 @@ def _train_stage(stage: str, config: ExperimentConfig, output_dir: Path, start_d
             (lambda width, depth, pick=chosen: Frozen(pick(width, depth)))
         teacher_name = f"{teacher_dir} ({section.teacher})"
     loss = build_loss(elastic, section, teacher)
-    batches = batch_source_from_config(run_config, train_columns, MODEL_INPUTS, rank, world_size, stage_dir,
-                                       tokenizer=tokenizer, log=log)
+    augmented = _resolve(section.augmented_train)
+    if augmented is not None and stage in section.augmented_stages:  # TinyBERT's augmented set, originals included
+        source, source_name = augmented, str(augmented)
+    else:
+        rows = len(train_columns["input_ids"])
+        source, source_name = train_columns, f"{config.data.data_dir} train split ({rows} rows)"
+    order = MODEL_INPUTS + (("label",) if stage == "final" else ())  # the final stage learns from the labels
+    batches = batch_source_from_config(run_config, source, order, rank, world_size, stage_dir,
+                                       tokenizer=tokenizer, task=task.name if isinstance(source, Path) else None,
+                                       log=log)
     after_update, marks = _update_timer()
     trainer = Trainer(run_config, student, loss, batches, stage_dir, rank=rank, world_size=world_size, log=log,
                       checkpoint_cells=loss.trainable_cells(), after_update=after_update)
     log(f"stage {stage}: {len(loss.component_names)} sub-networks ({', '.join(loss.component_names)}), graph "
-        f"{section.graph}; teacher {teacher_name}; {trainer.updates_total} updates ({len(batches)} batches/epoch, "
+        f"{section.graph}; teacher {teacher_name}; data {source_name}; {trainer.updates_total} updates "
+        f"({len(batches)} batches/epoch, "
         f"batch {run_config.data.batch_size} x {world_size} rank(s), lr {run_config.train.learning_rate:g})")
     marks[0] = time.perf_counter()
     result = trainer.fit(resume=resume)
@@ -237,6 +248,7 @@ def _train_stage(stage: str, config: ExperimentConfig, output_dir: Path, start_d
             f"~{timing['compile_seconds']:.1f} s")
     report = {"updates": result.updates, "train_seconds": result.seconds, "resumed_from": result.resumed_from,
               "subnetworks": list(loss.component_names), "graph": section.graph, "teacher": teacher_name,
+              "data": source_name,
               "learning_rate": run_config.train.learning_rate, "timing": timing,
               "final_losses": final_losses(stage_dir / "metrics.jsonl")}
     if rank == 0:
@@ -261,6 +273,9 @@ def run_train(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     section = config.dynabert
     for stage in section.stages:  # bad stage overrides fail before any work
         section.stage_train(config.train, stage)
+    augmented = _resolve(section.augmented_train)
+    if augmented is not None and not augmented.is_file():
+        raise ConfigError(f"dynabert.augmented_train: {augmented} is not a file (`msnc augment` writes one)")
     teacher_dir = teacher_path(config)
     task = get_task(config.data.task)
     rank, world_size, output_dir = start_run(config)
@@ -368,6 +383,10 @@ def subnetwork_size(model, shape, sequence_length: int) -> Dict:
             f"encoder_flops_seq{sequence_length}": encoder_flops(config, sequence_length)}
 
 
+_AXES = (("encoder_flops", "encoder GFLOPs per sequence (128 tokens)", 1e-9), ("parameters", "parameters (M)", 1e-6),
+         ("latency_ms", "measured latency per batch (ms)", 1.0), ("model_dir_bytes", "model directory (MB)", 1e-6))
+
+
 def plot_grid(entries: List[Dict], path: Path, x_key: str, title: str) -> None:
     """Accuracy vs `x_key`, one line per depth, dev (solid) and test (dashed)."""
     import matplotlib
@@ -375,10 +394,11 @@ def plot_grid(entries: List[Dict], path: Path, x_key: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    label, scale = next((label, scale) for prefix, label, scale in _AXES if x_key.startswith(prefix))
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     for depth in sorted({e["depth"] for e in entries}, reverse=True):
         row = sorted((e for e in entries if e["depth"] == depth), key=lambda e: e[x_key])
-        xs = [e[x_key] / 1e9 if "flops" in x_key else e[x_key] / 1e6 for e in row]
+        xs = [e[x_key] * scale for e in row]
         line, = axis.plot(xs, [e["dev"]["acc"] for e in row], "o-", label=f"depth {depth:g} dev")
         if all(e.get("test") for e in row):
             axis.plot(xs, [e["test"]["acc"] for e in row], "s--", color=line.get_color(),
@@ -386,7 +406,7 @@ def plot_grid(entries: List[Dict], path: Path, x_key: str, title: str) -> None:
         for x, e in zip(xs, row):
             axis.annotate(f"w{e['width']:g}", (x, e["dev"]["acc"]), textcoords="offset points", xytext=(3, 3),
                           fontsize=7)
-    axis.set_xlabel("encoder GFLOPs per sequence (128 tokens)" if "flops" in x_key else "parameters (M)")
+    axis.set_xlabel(label)
     axis.set_ylabel("accuracy")
     axis.set_title(title)
     axis.grid(True, alpha=0.3)
@@ -396,8 +416,38 @@ def plot_grid(entries: List[Dict], path: Path, x_key: str, title: str) -> None:
     plt.close(figure)
 
 
-def run_grid(config: ExperimentConfig, model: Optional[str] = None, log=print) -> Dict:
-    """Every trained (width, depth) on dev and test through the sliced forward; writes grid.json and grid.png."""
+def measure_extracted(path: Path, entries: List[Dict], output_dir: Path, batch_sizes: Sequence[int],
+                      sequence_length: int, repeat: int, log=print) -> None:
+    """Extract every entry's (width, depth) of the model in `path` to `output_dir/extracted/w<W>_d<D>` and add to
+    the entry, in place: `model_dir`, `model_dir_bytes` (the directory as copied to a device) and `latency_ms`
+    {batch size: median ms of a forward of batch x `sequence_length` on this machine}; then, against the largest
+    entry, `speedup` per batch size and `speedup_vs_flops` (measured speedup / FLOPs ratio: 1.0 = the FLOPs saving
+    fully realised)."""
+    from ms_nlp_compress.models.checkpoint import directory_bytes, load_model_dir
+
+    for entry in entries:
+        target = output_dir / "extracted" / f"w{entry['width']:g}_d{entry['depth']:g}"
+        extract_to(path, entry["width"], entry["depth"], target, log=lambda message: None)
+        extracted, _ = load_model_dir(target)
+        entry.update(model_dir=str(target), model_dir_bytes=directory_bytes(target), latency_ms={})
+        for batch in batch_sizes:
+            entry["latency_ms"][str(batch)] = round(forward_latency_ms(
+                extracted, batch, sequence_length, extracted.bert.config.vocab_size, repeat), 3)
+        log(f"grid: {entry['name']} extracted: {entry['model_dir_bytes'] / 1e6:.1f} MB, "
+            + ", ".join(f"{ms:.1f} ms at {batch} x {sequence_length}" for batch, ms in entry["latency_ms"].items()))
+    full = max(entries, key=lambda e: e["encoder_flops_seq128"])
+    for entry in entries:
+        entry["speedup"] = {batch: round(full["latency_ms"][batch] / ms, 3) for batch, ms in entry["latency_ms"].items()}
+        flops_speedup = full["encoder_flops_seq128"] / entry["encoder_flops_seq128"]
+        entry["speedup_vs_flops"] = {batch: round(speed / flops_speedup, 3) for batch, speed in entry["speedup"].items()}
+
+
+def run_grid(config: ExperimentConfig, model: Optional[str] = None, log=print, measure: bool = False,
+             batch_sizes: Sequence[int] = (1, 32), sequence_length: int = 128, repeat: int = 5) -> Dict:
+    """Every trained (width, depth) on dev and test through the sliced forward; writes grid.json and grid.png
+    (accuracy vs FLOPs) and grid_params.png. With `measure`, also extracts every sub-network and times it on this
+    machine (`measure_extracted`), adding grid_latency.png (accuracy vs latency at the largest batch size) and
+    grid_size.png (accuracy vs model directory bytes)."""
     from ms_nlp_compress.compress.dynabert.elastic import ElasticModel
     from ms_nlp_compress.data.glue import get_task
     from ms_nlp_compress.train.finetune import evaluate_classifier, evaluate_test_split, load_tokenizer_for
@@ -442,11 +492,25 @@ def run_grid(config: ExperimentConfig, model: Optional[str] = None, log=print) -
                              "dev": evaluate_classifier(teacher, dev_columns, task, config.data.eval_batch_size),
                              "test": test[0] if test is not None else None}
         log(f"grid: teacher (fine-tuned, rewired): dev acc {report['teacher']['dev']['acc']:.4f}")
+    if measure:
+        measure_extracted(path, entries, output_dir, batch_sizes, sequence_length, repeat, log)
+        report["measured"] = {"batch_sizes": list(batch_sizes), "sequence_length": sequence_length,
+                              "repeat": repeat, "threads": config.runtime.cpu_threads}
     write_text_atomic(output_dir / GRID_FILE, json.dumps(report, indent=2))
     plot_grid(entries, output_dir / "grid.png", "encoder_flops_seq128",
               f"DynaBERT on {task.name}: accuracy vs encoder FLOPs")
     plot_grid(entries, output_dir / "grid_params.png", "parameters",
               f"DynaBERT on {task.name}: accuracy vs parameters")
+    if measure:
+        batch = str(max(batch_sizes))
+        for entry in entries:
+            entry[f"latency_ms_{batch}"] = entry["latency_ms"][batch]
+        plot_grid(entries, output_dir / "grid_latency.png", f"latency_ms_{batch}",
+                  f"DynaBERT on {task.name}: accuracy vs latency (batch {batch} x {sequence_length}, this CPU)")
+        plot_grid(entries, output_dir / "grid_size.png", "model_dir_bytes",
+                  f"DynaBERT on {task.name}: accuracy vs model directory size")
+        for entry in entries:
+            del entry[f"latency_ms_{batch}"]
     log(f"grid: {len(entries)} sub-networks -> {output_dir / GRID_FILE}, {output_dir / 'grid.png'}")
     return report
 
@@ -459,10 +523,7 @@ def run_grid(config: ExperimentConfig, model: Optional[str] = None, log=print) -
 def choose(candidates: Sequence[Dict], latency_ms: float, metric: str = "acc") -> Optional[Dict]:
     """The most accurate (dev `metric`) candidate whose `latency_ms` is within the budget; ties: the faster one.
     None when no candidate fits."""
-    fitting = [c for c in candidates if c["latency_ms"] <= latency_ms]
-    if not fitting:
-        return None
-    return max(fitting, key=lambda c: (c["dev"][metric], -c["latency_ms"]))
+    return best_within_budget(candidates, latency_ms, lambda c: c["latency_ms"], lambda c: c["dev"][metric])
 
 
 def run_select(config: ExperimentConfig, latency_ms: float, batch_size: int, model: Optional[str] = None,

@@ -9,8 +9,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distill"))
 import distill_tiny  # noqa: E402  (the shared tiny task and teacher)
 
 RUNTIME = distill_tiny.RUNTIME
-write_assets = distill_tiny.write_assets
-train_teacher = distill_tiny.train_teacher
 WIDTHS, DEPTHS = (1.0, 0.5), (1.0, 0.5)
 
 

@@ -5,6 +5,7 @@ the grid's numbers are those of the extracted models, select picks by injected l
 are errors naming the value."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mindspore as ms
 
 import dynabert_cmd_tiny as tiny_cmd
 from ms_nlp_compress.cli import main as msnc
@@ -34,13 +34,8 @@ QUIET = dict(log=lambda message: None)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Assets, a fine-tuned teacher and one finished DynaBERT run ("reference"), shared by this module's tests."""
-    folder = tmp_path_factory.mktemp("dynabert")
-    tiny_cmd.write_assets(folder)
-    ms.set_context(mode=ms.GRAPH_MODE)
-    tiny_cmd.train_teacher(folder)
-    report = run_train(load_config(tiny_cmd.dynabert_config(folder, "reference")), **QUIET)
-    yield folder, report
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    with tiny_cmd.distill_tiny.teacher_in_graph_mode(tmp_path_factory.mktemp("dynabert")) as folder:
+        yield folder, run_train(load_config(tiny_cmd.dynabert_config(folder, "reference")), **QUIET)
 
 
 def columns(folder, split="dev"):
@@ -125,6 +120,52 @@ def test_train_stages_rewiring_skip_and_kill_minus_nine_resume(tiny):
     assert_same_weights(weights_of(out / "dynabert"), weights_of(folder / "victim" / "dynabert"))
 
 
+def test_final_fine_tuning_stage_continues_a_finished_run(tiny):
+    """`stages: [width, width_depth, final]` on a run whose two stages are finished: both are skipped and the final
+    stage trains every sub-network on the labels alone (no teacher), starting from the stage-2 model."""
+    folder, _ = tiny
+    source, out = folder / "reference", folder / "final"
+    for name in ("rewired", "stage1_width", "stage2_width_depth"):
+        shutil.copytree(source / name, out / name)
+    shutil.copy(source / "importance.json", out / "importance.json")
+    config = tiny_cmd.dynabert_config(folder, "final", extra="  stages: [width, width_depth, final]\n"
+                                                             "  final_train: {epochs: 1, learning_rate: 0.005}")
+    report = run_train(load_config(config), **QUIET)
+    assert report["importance"]["skipped"]
+    assert report["stages"]["width"]["skipped"] and report["stages"]["width_depth"]["skipped"]
+    final = report["stages"]["final"]
+    names = ["w1_d1", "w0.5_d1", "w1_d0.5", "w0.5_d0.5"]
+    assert final["updates"] == 6 and final["subnetworks"] == names and final["teacher"] == "none (labels)"
+    assert final["learning_rate"] == 0.005
+    records = train_records(out / "stage3_final" / "metrics.jsonl")
+    assert len(records) == 6
+    for record in records:
+        np.testing.assert_allclose(record["loss"], sum(record[f"loss_{name}"] for name in names), rtol=1e-5)
+    _, document = load_model_dir(out / "dynabert")
+    assert document["dynabert_trained"] == {"widths": [1.0, 0.5], "depths": [1.0, 0.5], "stage": "final"}
+    assert_same_weights(weights_of(out / "dynabert"), weights_of(out / "stage3_final" / "model"))
+    started, finished = weights_of(source / "stage2_width_depth" / "model"), weights_of(out / "dynabert")
+    assert max(float(np.abs(finished[name] - started[name]).max()) for name in started) > 1e-4  # it trained
+
+
+def test_augmented_set_replaces_the_training_split_in_the_listed_stages(tiny):
+    """dynabert.augmented_train (`msnc augment`'s TSV) is what stage 1 reads; a missing file is an error naming the
+    key before any work."""
+    folder, _ = tiny
+    augmented = folder / "train_aug.tsv"
+    rows = len(augmented.read_text().splitlines()) - 1  # minus the header
+    config = tiny_cmd.dynabert_config(folder, "augmented", extra=f"  augmented_train: {augmented}\n"
+                                                                 "  stages: [width]")
+    report = run_train(load_config(config, ["dynabert.width_train={epochs: 1}"]), **QUIET)
+    width = report["stages"]["width"]
+    assert width["data"] == str(augmented) and width["updates"] == -(-rows // 16)  # one epoch of the augmented set
+    with pytest.raises(ConfigError, match=r"dynabert\.augmented_train: .*absent\.tsv is not a file"):
+        run_train(load_config(config, ["dynabert.width_train={epochs: 1}",
+                                       f"dynabert.augmented_train={folder / 'absent.tsv'}",
+                                       f"output_dir={folder / 'augmented_absent'}"]), **QUIET)
+    assert not (folder / "augmented_absent").exists()
+
+
 def test_extract_command_equals_sliced_forward_and_grid_matches_extracted_models(tiny, capsys):
     folder, _ = tiny
     out = folder / "reference"
@@ -155,6 +196,27 @@ def test_extract_command_equals_sliced_forward_and_grid_matches_extracted_models
     assert msnc(["dynabert", "extract", "--config", config, "--width", "0.75", "--depth", "1.0"]) == 0
     printed = capsys.readouterr().out
     assert "width 0.75 is not one of the trained widths" in printed
+
+    # --measure: every sub-network extracted, sized and timed; speedups against the largest, and their ratio to the
+    # FLOPs saving; the latency and size plots.
+    assert msnc(["dynabert", "grid", "--config", config, "--measure", "--batch-sizes", "1,3", "--seq", "12",
+                 "--repeat", "1"]) == 0
+    measured = json.loads((out / "grid.json").read_text())
+    assert measured["measured"]["batch_sizes"] == [1, 3] and measured["measured"]["sequence_length"] == 12
+    by_name = {e["name"]: e for e in measured["entries"]}
+    for entry in measured["entries"]:
+        directory = Path(entry["model_dir"])
+        assert load_model_dir(directory)[0].bert.config.num_layers == len(entry["layers"])
+        assert entry["model_dir_bytes"] == sum(os.path.getsize(os.path.join(root, name))
+                                               for root, _, names in os.walk(directory) for name in names)
+        for batch in ("1", "3"):
+            assert entry["latency_ms"][batch] > 0
+            full = by_name["w1_d1"]["latency_ms"][batch]
+            assert entry["speedup"][batch] == pytest.approx(full / entry["latency_ms"][batch], rel=1e-2)
+            assert entry["speedup_vs_flops"][batch] == pytest.approx(entry["speedup"][batch] * entry["flops_ratio"],
+                                                                     rel=1e-2)
+    assert by_name["w0.5_d0.5"]["model_dir_bytes"] < by_name["w1_d1"]["model_dir_bytes"]
+    assert (out / "grid_latency.png").stat().st_size > 1000 and (out / "grid_size.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("flag, value", [("--width", "0.2"), ("--depth", "1.5"), ("--depth", "0.2"),

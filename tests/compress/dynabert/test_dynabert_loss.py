@@ -117,3 +117,27 @@ def test_build_loss_from_config_and_stage2_teachers():
     assert full is teacher_elastic.subnetwork(1.0, 1.0, hidden_states=True)
     with pytest.raises(ConfigError, match="no sub-network to train"):
         DynaBertLoss(student, teacher_elastic.model, (), (1.0,))
+
+
+def test_final_stage_is_every_subnetwork_on_the_labels(graph_mode):
+    """Stage `final` (the reference's final fine-tuning): no teacher; each sub-network's loss is the cross-entropy
+    of its logits with the labels (numpy log-softmax twin), and the stage's loss is their sum."""
+    student = random_model(no_dropout_config(), seed=24)
+    elastic = ElasticModel(student)
+    config = DynaBertConfig(width_multipliers=[1.0, 0.5], depth_multipliers=[1.0, 0.5], stage="final")
+    loss = build_loss(elastic, config, teacher=object())  # any teacher given is ignored in this stage
+    assert loss.component_names == ("w1_d1", "w0.5_d1", "w1_d0.5", "w0.5_d0.5")
+    assert config.loss_weights() == (0.0, 0.0)
+    inputs = batch()
+    labels = np.array([1, 0], np.int32)
+    total, parts = loss(*inputs, Tensor(labels))
+    expected = []
+    for width, depth in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.5, 0.5)):
+        logits = elastic.subnetwork(width, depth, hidden_states=True)(*inputs)[0].asnumpy().astype(np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        expected.append(-log_probs[np.arange(2), labels].mean())
+    np.testing.assert_allclose([float(p.asnumpy()) for p in parts], expected, rtol=1e-5)
+    np.testing.assert_allclose(float(total.asnumpy()), sum(expected), rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"dynabert.stages: must be in order"):
+        DynaBertConfig(stages=["final", "width"]).validate()
