@@ -168,6 +168,20 @@ class ShardedLowBitUpdate(nn.Cell):
         if world_size > 1:
             self.all_gather = ops.AllGather()
             self.all_reduce = ops.AllReduce()
+        if self.weight_bits is not None:
+            self._start_at_low_bit_weights(initial)
+
+    def _start_at_low_bit_weights(self, initial: np.ndarray) -> None:
+        """Forward and backward run at low-bit weights from the first step on: the initial weights are the same on
+        every rank, so each rank quantizes every bucket itself, as the owners will (no collective needed). The
+        masters keep the full-precision initial values."""
+        codes, unit = quantize_weight_buckets(Tensor(initial.reshape(-1, self.bucket_size)), self.weight_bits)
+        values = ((codes.asnumpy().astype(np.float32) - np.float32(self.weight_top)) * unit.asnumpy()).reshape(-1)
+        offset = 0
+        for param in self.parameters:
+            size = int(np.prod(param.shape))
+            param.set_data(Tensor(values[offset:offset + size].reshape(param.shape), dtype=param.dtype))
+            offset += size
 
     # ---- host side ----------------------------------------------------------------------------------------
     @property

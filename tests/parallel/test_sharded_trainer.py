@@ -2,7 +2,8 @@
 
 One process: TrainStep with the update cell (accumulation, dynamic loss scale with a skipped overflow, clipping
 that bites, a warm-up schedule starting at lr 0; the separate-members path) equals a numpy twin of the low-bit
-mean, the global-norm clip and the owner's AdamW; refused combinations name their key.
+mean, the global-norm clip and the owner's AdamW; low-bit weights from the first forward; refused combinations
+name their key.
 
 2 msrun ranks, `msnc finetune` (the CLI, through tests/parallel/sharded_trainer_worker.py which only records):
 4-bit gradients with fp32 weights equal a numpy twin update by update (reference gradients from a fresh model at
@@ -196,6 +197,21 @@ def test_separate_members_feed_the_update_cell(graph_mode):
         mean = low_bit_mean([flat], SEED, call + 1, groups, 4)
         master, moment1, moment2 = adamw(master, moment1, moment2, mean, call + 1, 0.01, np.zeros(padded), 0.0)
         np.testing.assert_allclose(update.master.asnumpy(), master, rtol=1e-5, atol=1e-6, err_msg=f"call {call}")
+
+
+def test_low_bit_weights_from_the_first_forward():
+    """With weight_bits the model starts at the TWN of its initial weights (every rank computes it alike); the
+    owners' masters keep the full-precision values."""
+    rng = np.random.default_rng(2)
+    cell = SquaredError(rng)
+    initial = fused([cell.weight.asnumpy(), cell.bias.asnumpy()], 3 * BUCKET)
+    update = ShardedLowBitUpdate([cell.weight, cell.bias], CommConfig(scheme="sharded", bucket_size=BUCKET,
+                                                                      weight_bits=2), 1, 0, learning_rate=0.1)
+    start = fused([cell.weight.asnumpy(), cell.bias.asnumpy()], 3 * BUCKET)[:130]
+    expected = twin.twn_buckets(initial, BUCKET)[:130]
+    np.testing.assert_array_equal(start == 0, expected == 0)
+    np.testing.assert_allclose(start, expected, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(update.master.asnumpy(), initial)
 
 
 def tiny_experiment(**comm):
