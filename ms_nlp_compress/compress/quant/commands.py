@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ms_nlp_compress.bench.latency import int_list
 from ms_nlp_compress.errors import ConfigError
 
 
@@ -44,6 +45,7 @@ def latency_cases(model_dir: Path, reference_dir: Path, mindir: Optional[Path], 
     from mindspore import Tensor, nn
 
     import ms_nlp_compress.compress.quant.convert as convert_module
+    from ms_nlp_compress.export.mindir import dynamic_input_specs
     from ms_nlp_compress.models.checkpoint import load_model_dir
 
     packed, document = load_model_dir(model_dir)
@@ -56,7 +58,9 @@ def latency_cases(model_dir: Path, reference_dir: Path, mindir: Optional[Path], 
     if mindir is not None:
         if not mindir.is_file():
             raise ConfigError(f"--mindir: {mindir} is not a file")
-        models["mindir"] = nn.GraphCell(ms.load(str(mindir)))
+        graph = nn.GraphCell(ms.load(str(mindir)))
+        graph.set_inputs(*dynamic_input_specs())  # one compile for every shape (needed by shared-function files)
+        models["mindir"] = graph
     config = packed.bert.config
     rng = np.random.default_rng(seed)
     cases = {}
@@ -125,16 +129,6 @@ def run_latency_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_parser(subparsers) -> None:
     from ms_nlp_compress.compress.quant.run import EXPORT_ATOL
 
@@ -158,7 +152,7 @@ def add_parser(subparsers) -> None:
     latency.add_argument("--model", required=True, help="a quantized model directory (<output_dir>/best)")
     latency.add_argument("--reference", required=True, help="the fp32 classifier model directory")
     latency.add_argument("--mindir", default=None, help="also time this exported file (<output_dir>/model.mindir)")
-    latency.add_argument("--batch-sizes", type=_int_list, default=[1, 32])
+    latency.add_argument("--batch-sizes", type=int_list, default=[1, 32])
     latency.add_argument("--seq", type=int, default=64)
     latency.add_argument("--repeat", type=int, default=5, help="interleaved rounds (5)")
     latency.add_argument("--threads", type=int, default=None, help="MindSpore CPU op threads")

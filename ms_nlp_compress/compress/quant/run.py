@@ -151,6 +151,11 @@ def export_and_check(context: Context, deployed, fake_quant, log, atol: float = 
     if done.is_file():
         log(f"export: finished earlier ({done}), skipped")
         return dict(json.loads(done.read_text(encoding="utf-8")), skipped=True)
+    graph = context.config.quant.export_graph
+    if graph == "shared":
+        from ms_nlp_compress.compress.quant.convert import share_graph_functions
+
+        share_graph_functions(deployed)  # same values; each packed cell's ops stored once in the file
     path = export_mindir(inference_wrapper(deployed, "classifier"), context.output_dir / MINDIR_STEM)
     inputs = verify_inputs(context.dev_columns)
     check = verify_mindir(path, inference_wrapper(fake_quant, "classifier"), inputs, atol=atol)
@@ -177,7 +182,7 @@ def export_and_check(context: Context, deployed, fake_quant, log, atol: float = 
                                   f"file has {report.file_bytes}")
     log("model directory (model.safetensors) vs fp32 teacher:\n  " + "\n  ".join(directory.table(fp32_directory)))
     log("MindIR vs fp32 teacher MindIR:\n  " + "\n  ".join(mindir.table(fp32_mindir)))
-    result = {"mindir": str(path), "verify": {"atol": atol, "max_abs_difference": check.worst,
+    result = {"mindir": str(path), "graph": graph, "verify": {"atol": atol, "max_abs_difference": check.worst,
                                               "per_shape": {f"{b}x{l}": d for (b, l), d in
                                                             check.max_differences.items()}},
               "size": {"model_dir_weights": _size_entry(directory, fp32_directory),

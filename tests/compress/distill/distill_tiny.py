@@ -1,5 +1,6 @@
 """A tiny sentiment task, corpus, vocabulary and fine-tuned teacher for the `msnc distill` tests and their kill -9
 worker (distill_worker.py). Everything is written under a folder given by the test."""
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +41,12 @@ def write_assets(folder: Path) -> None:
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
 
 
-def teacher_config(folder: Path) -> Path:
+def teacher_config(folder: Path, model: str = TEACHER_MODEL) -> Path:
     path = folder / "teacher.yaml"
     path.write_text(f"""
 output_dir: {folder / 'teacher'}
 {RUNTIME}
-model: {TEACHER_MODEL}
+model: {model}
 data: {{task: sst2, data_dir: {folder / 'sst2'}, vocab: {folder / 'vocab.txt'}, max_length: 12, batch_size: 8,
         eval_batch_size: 7}}
 train: {{learning_rate: 0.03, epochs: 5, warmup_ratio: 0.1, eval_every: 0, log_every: 4}}
@@ -53,13 +54,29 @@ train: {{learning_rate: 0.03, epochs: 5, warmup_ratio: 0.1, eval_every: 0, log_e
     return path
 
 
-def train_teacher(folder: Path) -> Path:
+def train_teacher(folder: Path, model: str = TEACHER_MODEL) -> Path:
+    """Fine-tune the teacher (`model`: a NezhaConfig in YAML flow style) into folder/teacher/best."""
     from ms_nlp_compress.config import load_config
     from ms_nlp_compress.train.finetune import run_finetune
 
-    report = run_finetune(load_config(teacher_config(folder)), log=lambda message: None)
+    report = run_finetune(load_config(teacher_config(folder, model)), log=lambda message: None)
     assert report["best_dev"]["acc"] >= 0.9, report  # the teacher the students are measured against
     return folder / "teacher" / "best"
+
+
+@contextlib.contextmanager
+def teacher_in_graph_mode(folder: Path, model: str = TEACHER_MODEL):
+    """The body of the command tests' module fixtures: the assets and a fine-tuned teacher in `folder`, MindSpore in
+    graph mode while the tests run, PyNative again after them."""
+    import mindspore as ms
+
+    write_assets(folder)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        train_teacher(folder, model)
+        yield folder
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def task_config(folder: Path, output: str, extra: str = "", init: str = "teacher_layers") -> Path:

@@ -38,12 +38,8 @@ QUIET = dict(log=lambda message: None)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The assets and a fine-tuned teacher (dev accuracy >= 0.9), shared by the tests of this module."""
-    folder = tmp_path_factory.mktemp("distill")
-    distill_tiny.write_assets(folder)
-    ms.set_context(mode=ms.GRAPH_MODE)
-    distill_tiny.train_teacher(folder)
-    yield folder
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    with distill_tiny.teacher_in_graph_mode(tmp_path_factory.mktemp("distill")) as folder:
+        yield folder
 
 
 def dev_columns(folder):

@@ -15,28 +15,6 @@ TEACHER_MODEL = ("{vocab_size: 60000, hidden_size: 16, num_layers: 2, num_heads:
                  "max_relative_position: 8, hidden_dropout: 0.1, attention_dropout: 0.1}")
 
 
-def write_assets(folder: Path) -> None:
-    distill_tiny.write_assets(folder)
-
-
-def train_teacher(folder: Path) -> Path:
-    from ms_nlp_compress.config import load_config
-    from ms_nlp_compress.train.finetune import run_finetune
-
-    path = folder / "teacher.yaml"
-    path.write_text(f"""
-output_dir: {folder / 'teacher'}
-{RUNTIME}
-model: {TEACHER_MODEL}
-data: {{task: sst2, data_dir: {folder / 'sst2'}, vocab: {folder / 'vocab.txt'}, max_length: 12, batch_size: 8,
-        eval_batch_size: 7}}
-train: {{learning_rate: 0.03, epochs: 5, warmup_ratio: 0.1, eval_every: 0, log_every: 4}}
-""")
-    report = run_finetune(load_config(path), log=lambda message: None)
-    assert report["best_dev"]["acc"] >= 0.9, report  # the teacher the quantized students are measured against
-    return folder / "teacher" / "best"
-
-
 def quant_config(folder: Path, output: str, quant: str = "{preset: 2-2-8, full_precision: [classifier]}",
                  epochs: int = 1, extra: str = "") -> Path:
     """QAT of the teacher: 12 updates per epoch (96 rows, batch 8), a checkpoint every 2, dev every 4."""

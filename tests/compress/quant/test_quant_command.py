@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mindspore as ms
 
 sys.path.insert(0, os.path.dirname(__file__))
 import quant_tiny  # noqa: E402
@@ -43,11 +42,8 @@ WORD = "bert.embeddings.word_embeddings"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("quant")
-    quant_tiny.write_assets(folder)
-    ms.set_context(mode=ms.GRAPH_MODE)
-    quant_tiny.train_teacher(folder)
-    yield folder
-    ms.set_context(mode=ms.PYNATIVE_MODE)
+    with quant_tiny.distill_tiny.teacher_in_graph_mode(folder, quant_tiny.TEACHER_MODEL):
+        yield folder
 
 
 def dev_columns(folder):
@@ -197,6 +193,16 @@ def test_ptq_baseline_8_and_2_bit(tiny):
     assert (logits8.argmax(-1) == teacher_logits.argmax(-1)).mean() >= 0.95
     sizes = {preset: report["export"]["size"]["mindir"]["file_bytes"] for preset, report in reports.items()}
     assert sizes["2-2-8"] < sizes["8-8-8"] < reports["8-8-8"]["export"]["size"]["mindir"]["fp32_file_bytes"]
+    # quant.export_graph: shared: the same codes, a smaller MindIR (each packed cell's ops stored once), which
+    # reloads equal to the fake-quant model; the model directory is the same bytes.
+    config = load_config(quant_tiny.quant_config(tiny, "ptq2_shared", "{preset: 2-2-8, full_precision: [classifier], "
+                                                                      "export_graph: shared}"))
+    shared = run_ptq(config, **QUIET)["export"]
+    assert shared["graph"] == "shared" and reports["2-2-8"]["export"]["graph"] == "inlined"
+    assert shared["verify"]["max_abs_difference"] <= 2e-3
+    assert shared["size"]["mindir"]["file_bytes"] < sizes["2-2-8"]
+    inlined_dir = reports["2-2-8"]["export"]["size"]["model_dir_weights"]
+    assert shared["size"]["model_dir_weights"]["groups"] == inlined_dir["groups"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -204,6 +210,7 @@ def test_ptq_baseline_8_and_2_bit(tiny):
     ("quant.encoder.bits=3", r"quant\.encoder\.bits: method 'twn' needs 2"),
     ("quant.activation.bits=1", r"quant\.activation\.bits: must be an integer in \[2, 16\]"),
     ("quant.preset=3-3-8", r"quant\.preset: unknown preset '3-3-8'"),
+    ("quant.export_graph=fused", r"quant\.export_graph: must be inlined or shared, got 'fused'"),
     ("distill.teacher=/nonexistent/teacher", r"distill\.teacher: teacher /nonexistent/teacher does not exist"),
     ("data.task=stsb", r"data\.task: stsb is a regression task"),
 ])
