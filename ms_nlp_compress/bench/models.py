@@ -214,7 +214,7 @@ def run_model_benchmark(models: Sequence[Tuple[str, Path]], batch_sizes: Sequenc
         for (name, _), (cell, _, config) in zip(models, loaded):
             log(f"building inference cases of {name}")
             engines[name] = inference_cases(cell, config.vocab_size, batch_sizes, seqs, seed)
-        first_call, cases = time_interleaved(engines, repeat, _calls, log)
+        first_call, cases = time_interleaved(engines, repeat, calls_per_repeat, log)
         result["first_call_s"] = first_call
         result["cases"] = cases
         result["speedup"] = {case: {name: round(by_model[first]["median_ms"] / by_model[name]["median_ms"], 2)
@@ -238,7 +238,7 @@ def run_model_benchmark(models: Sequence[Tuple[str, Path]], batch_sizes: Sequenc
     return result
 
 
-def _calls(case: str) -> int:
+def calls_per_repeat(case: str) -> int:
     """Calls per repeat: 10 for small-batch inference (a few ms each), 1 otherwise."""
     batch = int(case.split("_")[1][1:])
     return 10 if batch < 8 else 1

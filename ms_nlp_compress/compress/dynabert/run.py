@@ -422,17 +422,25 @@ def measure_extracted(path: Path, entries: List[Dict], output_dir: Path, batch_s
     the entry, in place: `model_dir`, `model_dir_bytes` (the directory as copied to a device) and `latency_ms`
     {batch size: median ms of a forward of batch x `sequence_length` on this machine}; then, against the largest
     entry, `speedup` per batch size and `speedup_vs_flops` (measured speedup / FLOPs ratio: 1.0 = the FLOPs saving
-    fully realised)."""
+    fully realised). Timing is `msnc bench --models`' (`time_interleaved`): every sub-network runs each case in
+    every round, the order reversed every other round, so load from other processes hits all of them alike (timed
+    one after the other, some models measured here ran up to 1.75x slow on an idle machine)."""
+    from ms_nlp_compress.bench.latency import time_interleaved
+    from ms_nlp_compress.bench.models import calls_per_repeat, inference_cases
     from ms_nlp_compress.models.checkpoint import directory_bytes, load_model_dir
 
+    engines = {}
     for entry in entries:
         target = output_dir / "extracted" / f"w{entry['width']:g}_d{entry['depth']:g}"
         extract_to(path, entry["width"], entry["depth"], target, log=lambda message: None)
         extracted, _ = load_model_dir(target)
         entry.update(model_dir=str(target), model_dir_bytes=directory_bytes(target), latency_ms={})
+        engines[entry["name"]] = inference_cases(extracted, extracted.bert.config.vocab_size, batch_sizes,
+                                                 (sequence_length,), seed=0)
+    _, cases = time_interleaved(engines, repeat, calls_per_repeat)
+    for entry in entries:
         for batch in batch_sizes:
-            entry["latency_ms"][str(batch)] = round(forward_latency_ms(
-                extracted, batch, sequence_length, extracted.bert.config.vocab_size, repeat), 3)
+            entry["latency_ms"][str(batch)] = cases[f"infer_b{batch}_s{sequence_length}"][entry["name"]]["median_ms"]
         log(f"grid: {entry['name']} extracted: {entry['model_dir_bytes'] / 1e6:.1f} MB, "
             + ", ".join(f"{ms:.1f} ms at {batch} x {sequence_length}" for batch, ms in entry["latency_ms"].items()))
     full = max(entries, key=lambda e: e["encoder_flops_seq128"])
