@@ -387,18 +387,21 @@ _AXES = (("encoder_flops", "encoder GFLOPs per sequence (128 tokens)", 1e-9), ("
          ("latency_ms", "measured latency per batch (ms)", 1.0), ("model_dir_bytes", "model directory (MB)", 1e-6))
 
 
-def plot_grid(entries: List[Dict], path: Path, x_key: str, title: str) -> None:
-    """Accuracy vs `x_key`, one line per depth, dev (solid) and test (dashed)."""
+def plot_grid(entries: List[Dict], path: Path, x_key: str, title: str,
+              x_of: Optional[Callable[[Dict], float]] = None) -> None:
+    """Accuracy vs `x_key` (or `x_of(entry)` when given; `x_key` still names the axis), one line per depth, dev
+    (solid) and test (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     label, scale = next((label, scale) for prefix, label, scale in _AXES if x_key.startswith(prefix))
+    x_of = x_of or (lambda e: e[x_key])
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     for depth in sorted({e["depth"] for e in entries}, reverse=True):
-        row = sorted((e for e in entries if e["depth"] == depth), key=lambda e: e[x_key])
-        xs = [e[x_key] * scale for e in row]
+        row = sorted((e for e in entries if e["depth"] == depth), key=x_of)
+        xs = [x_of(e) * scale for e in row]
         line, = axis.plot(xs, [e["dev"]["acc"] for e in row], "o-", label=f"depth {depth:g} dev")
         if all(e.get("test") for e in row):
             axis.plot(xs, [e["test"]["acc"] for e in row], "s--", color=line.get_color(),
@@ -511,14 +514,11 @@ def run_grid(config: ExperimentConfig, model: Optional[str] = None, log=print, m
               f"DynaBERT on {task.name}: accuracy vs parameters")
     if measure:
         batch = str(max(batch_sizes))
-        for entry in entries:
-            entry[f"latency_ms_{batch}"] = entry["latency_ms"][batch]
-        plot_grid(entries, output_dir / "grid_latency.png", f"latency_ms_{batch}",
-                  f"DynaBERT on {task.name}: accuracy vs latency (batch {batch} x {sequence_length}, this CPU)")
+        plot_grid(entries, output_dir / "grid_latency.png", "latency_ms",
+                  f"DynaBERT on {task.name}: accuracy vs latency (batch {batch} x {sequence_length}, this CPU)",
+                  x_of=lambda entry: entry["latency_ms"][batch])
         plot_grid(entries, output_dir / "grid_size.png", "model_dir_bytes",
                   f"DynaBERT on {task.name}: accuracy vs model directory size")
-        for entry in entries:
-            del entry[f"latency_ms_{batch}"]
     log(f"grid: {len(entries)} sub-networks -> {output_dir / GRID_FILE}, {output_dir / 'grid.png'}")
     return report
 

@@ -25,11 +25,12 @@ def small():
                        max_relative_position=8, hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def inputs():
-    rng = np.random.default_rng(0)
+def inputs(vocab_size: int = 8000, seed: int = 0):
+    """Two (ids, mask, types) batches, 1 x 7 and 3 x 12, the last row of each padded by 3 tokens."""
+    rng = np.random.default_rng(seed)
     batches = []
     for size, length in ((1, 7), (3, 12)):
-        ids = rng.integers(0, 8000, (size, length)).astype(np.int32)
+        ids = rng.integers(0, vocab_size, (size, length)).astype(np.int32)
         mask = np.ones_like(ids)
         mask[-1, length - 3:] = 0
         batches.append((ids, mask, np.zeros_like(ids)))

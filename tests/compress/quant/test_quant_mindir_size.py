@@ -23,6 +23,8 @@ from ms_nlp_compress.errors import CheckpointError, ConfigError  # noqa: E402
 from ms_nlp_compress.export.mindir import export_mindir, inference_wrapper, verify_mindir  # noqa: E402
 from ms_nlp_compress.models.nezha import NezhaForMaskedLM  # noqa: E402
 
+import test_quant_export  # noqa: E402  (its padded input batches)
+
 
 def micro():
     return NezhaConfig(vocab_size=500, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -30,14 +32,7 @@ def micro():
 
 
 def token_batches():
-    rng = np.random.default_rng(3)
-    batches = []
-    for size, length in ((1, 7), (3, 12)):
-        ids = rng.integers(0, 500, (size, length)).astype(np.int32)
-        mask = np.ones_like(ids)
-        mask[-1, length - 3:] = 0
-        batches.append((ids, mask, np.zeros_like(ids)))
-    return batches
+    return test_quant_export.inputs(vocab_size=500, seed=3)
 
 
 def _string_field(text: str) -> int:
