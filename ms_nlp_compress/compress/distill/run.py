@@ -225,8 +225,19 @@ def _stage_finished(stage_dir: Path) -> Optional[Dict]:
     return json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
 
 
-def _stage_source(config: ExperimentConfig, stage: str, train_columns, augmented: Optional[Path]):
-    if augmented is not None and stage in config.distill.augmented_stages:
+def augmented_path(value: Optional[str], key: str) -> Optional[Path]:
+    """`<section>.augmented_train` resolved; an error naming `key` when it is given but not a file (checked before
+    any work). Shared by `msnc distill task` and `msnc dynabert train`."""
+    augmented = _resolve(value)
+    if augmented is not None and not augmented.is_file():
+        raise ConfigError(f"{key}: {augmented} is not a file (`msnc augment` writes one)")
+    return augmented
+
+
+def stage_source(config: ExperimentConfig, stage: str, augmented_stages, train_columns, augmented: Optional[Path]):
+    """(source, its name for the log) of one stage: TinyBERT's augmented TSV (originals included) when given and
+    `stage` is in `augmented_stages`, else the tokenized training split."""
+    if augmented is not None and stage in augmented_stages:
         return augmented, str(augmented)
     return train_columns, f"{config.data.data_dir} train split ({len(train_columns['input_ids'])} rows)"
 
@@ -275,9 +286,7 @@ def run_task(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
 
     distill = config.distill
     teacher_dir = teacher_path(config)
-    augmented = _resolve(distill.augmented_train)
-    if augmented is not None and not augmented.is_file():
-        raise ConfigError(f"distill.augmented_train: {augmented} is not a file (`msnc augment` writes one)")
+    augmented = augmented_path(distill.augmented_train, "distill.augmented_train")
     for stage in distill.stages:  # bad stage overrides fail before any work
         stage_config(config, stage)
     task = get_task(config.data.task)
@@ -308,7 +317,8 @@ def run_task(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
         else:
             student, student_config = build_student(distill.intermediate_only(), teacher_config, task.num_labels,
                                                     teacher_weights, resolve=_resolve)
-            source, source_name = _stage_source(config, "intermediate", train_columns, augmented)
+            source, source_name = stage_source(config, "intermediate", distill.augmented_stages,
+                                               train_columns, augmented)
             stage_report = _train_stage("intermediate", config, output_dir, teacher, student, student_config,
                                         teacher_config, task, source, source_name, tokenizer, rank, world_size,
                                         resume, log)
@@ -343,7 +353,8 @@ def run_task(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
                                meta=dict(meta, distillation="task (best dev after stage 2)", dev_metrics=metrics,
                                          update=update))
 
-            source, source_name = _stage_source(config, "prediction", train_columns, augmented)
+            source, source_name = stage_source(config, "prediction", distill.augmented_stages,
+                                               train_columns, augmented)
             stage_report = _train_stage(
                 "prediction", config, output_dir, teacher, student, student_config, teacher_config, task, source,
                 source_name, tokenizer, rank, world_size, resume, log,

@@ -29,7 +29,8 @@ import numpy as np
 
 from ms_nlp_compress.atomic import write_text_atomic
 from ms_nlp_compress.bench.latency import best_within_budget, forward_latency_ms
-from ms_nlp_compress.compress.distill.run import MODEL_INPUTS, encoder_flops, final_losses
+from ms_nlp_compress.compress.distill.run import (MODEL_INPUTS, augmented_path, encoder_flops, final_losses,
+                                                  stage_source)
 from ms_nlp_compress.config import ExperimentConfig
 from ms_nlp_compress.errors import ConfigError, DataError
 
@@ -222,12 +223,8 @@ def _train_stage(stage: str, config: ExperimentConfig, output_dir: Path, start_d
             (lambda width, depth, pick=chosen: Frozen(pick(width, depth)))
         teacher_name = f"{teacher_dir} ({section.teacher})"
     loss = build_loss(elastic, section, teacher)
-    augmented = _resolve(section.augmented_train)
-    if augmented is not None and stage in section.augmented_stages:  # TinyBERT's augmented set, originals included
-        source, source_name = augmented, str(augmented)
-    else:
-        rows = len(train_columns["input_ids"])
-        source, source_name = train_columns, f"{config.data.data_dir} train split ({rows} rows)"
+    source, source_name = stage_source(config, stage, section.augmented_stages, train_columns,
+                                       _resolve(section.augmented_train))
     order = MODEL_INPUTS + (("label",) if stage == "final" else ())  # the final stage learns from the labels
     batches = batch_source_from_config(run_config, source, order, rank, world_size, stage_dir,
                                        tokenizer=tokenizer, task=task.name if isinstance(source, Path) else None,
@@ -273,9 +270,7 @@ def run_train(config: ExperimentConfig, resume: bool = True, log=print) -> Dict:
     section = config.dynabert
     for stage in section.stages:  # bad stage overrides fail before any work
         section.stage_train(config.train, stage)
-    augmented = _resolve(section.augmented_train)
-    if augmented is not None and not augmented.is_file():
-        raise ConfigError(f"dynabert.augmented_train: {augmented} is not a file (`msnc augment` writes one)")
+    augmented_path(section.augmented_train, "dynabert.augmented_train")  # a missing file fails before any work
     teacher_dir = teacher_path(config)
     task = get_task(config.data.task)
     rank, world_size, output_dir = start_run(config)
