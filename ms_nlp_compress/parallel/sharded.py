@@ -3,7 +3,10 @@
 Rank r owns buckets [r*S/B, (r+1)*S/B) of the fused parameter vector (S = padded / N entries, whole buckets) and
 keeps the fp32 MASTER copy of that shard. Each update:
 
-    worker  : low-bit gradient codes + scales of its whole gradient (as in scheme 1)
+    worker  : low-bit gradient codes + scales of its whole gradient (as in scheme 1); with error feedback the
+              rank's carried residual is added first and (corrected - own dequantized codes) is carried on
+    warm-up : while applied updates < comm.warmup_steps, one fp32 AllReduce of the fused gradient instead (each
+              owner keeps its shard of the exact mean; no rounding noise drawn, the residual untouched)
     to owner: chunk j of every rank's codes goes to rank j          an all-to-all in the design; here, on every
                                                                     device, AllGather + local selection: the same
                                                                     maths, not byte-saving (MindSpore's CPU backend
@@ -72,15 +75,18 @@ def decay_runs(sizes: Sequence[int], flags: Sequence[bool], start: int, length: 
 
 class _ShardState(nn.Cell):
     """What an owner keeps between updates, different on every rank: its fp32 master shard, the two Adam moments
-    of that shard (Adam only), and two counters (applied updates: Adam's t and the schedule's position; calls,
-    skipped ones included: the byte accounting). A Cell of its own so that per-rank checkpoints hold exactly this
-    (plus the noise counter), never a copy of the model."""
+    of that shard (Adam only), and counters (applied updates: Adam's t, the schedule's position and the warm-up's;
+    calls, skipped ones included, and with a warm-up the calls that exchanged fp32: the byte accounting). A Cell of
+    its own so that per-rank checkpoints hold exactly this (plus the exchange's noise counter and error-feedback
+    residual), never a copy of the model."""
 
-    def __init__(self, initial_shard: np.ndarray, adam: bool):
+    def __init__(self, initial_shard: np.ndarray, adam: bool, warmup: bool):
         super().__init__()
         self.master = Parameter(Tensor(initial_shard), name="master_shard", requires_grad=False)
         self.updates = Parameter(Tensor(0, ms.int32), name="applied_updates", requires_grad=False)
         self.calls = Parameter(Tensor(0, ms.int32), name="calls", requires_grad=False)
+        if warmup:  # a skipped warm-up call exchanges fp32 too, so the count is not min(calls, warmup_steps)
+            self.fp32_calls = Parameter(Tensor(0, ms.int32), name="fp32_calls", requires_grad=False)
         if adam:
             zeros = np.zeros(initial_shard.size, np.float32)
             self.moment1 = Parameter(Tensor(zeros), name="moment1_shard", requires_grad=False)
@@ -95,8 +101,8 @@ class ShardedLowBitUpdate(nn.Cell):
     every rank must call it at every update boundary (it holds collectives). In one compiled graph it exchanges
     the low-bit codes, takes the overflow verdict and the global norm of the MEAN gradient, clips, updates the
     owned master shard, gathers the (low-bit) weights and assigns them to `parameters`. Returns (applied, norm):
-    applied is False on every rank when any rank's gradient had a non-finite entry (nothing moves then, except
-    the rounding-noise and call counters), norm is the mean gradient's global norm before clipping.
+    applied is False on every rank when any rank's gradient had a non-finite entry (nothing moves then, the
+    error-feedback residual included, except the rounding-noise and call counters), norm is the mean gradient's global norm before clipping.
 
     Clipping: the global norm is that of the averaged gradient, as with the fp32 all-reduce and scheme 1 (whose
     FinishGradients clips after the exchange), so the three schemes clip the same quantity. Each owner only holds
@@ -105,7 +111,9 @@ class ShardedLowBitUpdate(nn.Cell):
 
     Args:
         parameters: the model Parameters (their current values initialise every rank's master shard).
-        comm: `comm:` with scheme sharded, bucket_size > 0 (shards are whole buckets) and weight_bits (or null).
+        comm: `comm:` with scheme sharded, bucket_size > 0 (shards are whole buckets) and weight_bits (or null);
+            error_feedback (each rank's residual over its whole gradient) and warmup_steps (the first applied
+            updates exchange the fp32 mean, skipped calls not counted) as in scheme 1.
         world_size, rank: data-parallel position (the owned shard is baked into the graph).
         learning_rate: default step size when `construct` gets no lr (tests); the engine passes the schedule's lr.
         optimizer: "sgd" or "adam" (the owner keeps Adam's two moments for its shard only: 2 * S floats per rank
@@ -113,7 +121,8 @@ class ShardedLowBitUpdate(nn.Cell):
         decay_flags: per Parameter, whether Adam's weight decay applies (train/optim.py `decay_mask`: not biases
             and LayerNorms); None decays every entry.
         max_grad_norm: global-norm clip of the mean gradient, or None.
-    State: `rank_state_cells()` (master shard, moments, counters, the noise stream's counter) differs per rank
+    State: `rank_state_cells()` (master shard, moments, counters, the noise stream's counter, the error-feedback
+    residual) differs per rank
     (`per_rank_state`): checkpoints keep it in each rank's own file (train/checkpoints.py `save_rank_state`).
     """
 
@@ -130,10 +139,6 @@ class ShardedLowBitUpdate(nn.Cell):
         if comm.bucket_size == 0:
             raise ConfigError("comm.bucket_size: the sharded scheme splits the fused vector into whole buckets; "
                               "set bucket_size >= 64")
-        if comm.error_feedback:
-            raise ConfigError("comm.error_feedback: not implemented for scheme sharded yet")
-        if comm.warmup_steps:
-            raise ConfigError("comm.warmup_steps: not implemented for scheme sharded yet")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
         if optimizer not in ("sgd", "adam"):
@@ -155,7 +160,9 @@ class ShardedLowBitUpdate(nn.Cell):
         initial = np.concatenate([p.asnumpy().astype(np.float32).reshape(-1) for p in self.parameters])
         initial = np.concatenate([initial, np.zeros(layout.padded - initial.size, np.float32)])
         self.adam = optimizer == "adam"
-        self.state = _ShardState(initial[self.start:self.start + self.shard].copy(), self.adam)
+        self.warmup_steps = int(comm.warmup_steps)
+        self.error_feedback = bool(comm.error_feedback)  # the residual is the exchange's Parameter (full vector)
+        self.state = _ShardState(initial[self.start:self.start + self.shard].copy(), self.adam, self.warmup_steps > 0)
         if self.adam:
             self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
             self.weight_decay = float(weight_decay)
@@ -197,12 +204,20 @@ class ShardedLowBitUpdate(nn.Cell):
         return self.state.moment2
 
     @property
+    def residual(self) -> Parameter:
+        """This rank's error-feedback residual over the whole fused vector (padded,): what its quantizer left out
+        of the gradients it compressed (every rank compresses its whole gradient, not only its shard)."""
+        return self.exchange.residual
+
+    @property
     def adam_step(self) -> Parameter:
         """Adam's t: the number of applied updates."""
         return self.state.updates
 
     def rank_state_cells(self) -> List[nn.Cell]:
-        """The Cells whose Parameters are this rank's own state (the model Parameters are not among them)."""
+        """The Cells whose Parameters are this rank's own state (the model Parameters are not among them): the
+        shard state, and the exchange's noise counter and error-feedback residual (its call counter stays 0: the
+        sharded update does not call the exchange's construct)."""
         return [self.state, self.exchange]
 
     def updates_done(self) -> int:
@@ -216,6 +231,8 @@ class ShardedLowBitUpdate(nn.Cell):
         the same graph runs on Ascend today); weight: the AllGather of this rank's weight codes + units (or its
         fp32 master shard for weight_bits null); verdict: the 2-float all-reduce. gradient_alltoall: what the
         gradient leg would send to the other ranks with an all-to-all (each owner's chunk: its codes + scales).
+        lowbit / warmup: a whole update with the low-bit gradient leg / with the warm-up's fp32 all-reduce of the
+        fused vector (fp32, which is also the plain fp32 all-reduce's gradient bytes) in its place.
         """
         layout = self.exchange.layout
         gradient = layout.lowbit_bytes()
@@ -224,15 +241,21 @@ class ShardedLowBitUpdate(nn.Cell):
         else:
             weight = 4 * packed_words(self.shard, self.weight_bits) + 4 * self.shard_buckets
         chunk = 4 * packed_words(self.shard, self.exchange.bits) + 4 * self.shard_buckets
-        return {"lowbit": gradient + weight + 8, "fp32": layout.fp32_bytes(), "gradient": gradient,
-                "weight": weight, "verdict": 8, "gradient_alltoall": (self.world_size - 1) * chunk}
+        return {"lowbit": gradient + weight + 8, "warmup": layout.fp32_bytes() + weight + 8,
+                "fp32": layout.fp32_bytes(), "gradient": gradient, "weight": weight, "verdict": 8,
+                "gradient_alltoall": (self.world_size - 1) * chunk}
 
     def comm_stats(self) -> Dict[str, int]:
-        """The counters scheme 1 logs (every sharded update is a low-bit exchange), plus the legs."""
+        """The counters scheme 1 logs, plus the legs. comm_bytes_sent counts every leg of every call: a warm-up
+        call's fp32 all-reduce + weights + verdict, a low-bit call's codes + weights + verdict."""
         exchanges = int(self.state.calls.asnumpy())
+        fp32_calls = int(self.state.fp32_calls.asnumpy()) if self.warmup_steps else 0
+        lowbit_calls = exchanges - fp32_calls
         sizes = self.bytes_per_step()
-        return {"comm_exchanges": exchanges, "comm_fp32_exchanges": 0, "comm_lowbit_exchanges": exchanges,
-                "comm_bytes_sent": exchanges * sizes["lowbit"], "comm_bytes_per_lowbit_step": sizes["lowbit"],
+        return {"comm_exchanges": exchanges, "comm_fp32_exchanges": fp32_calls,
+                "comm_lowbit_exchanges": lowbit_calls,
+                "comm_bytes_sent": fp32_calls * sizes["warmup"] + lowbit_calls * sizes["lowbit"],
+                "comm_bytes_per_lowbit_step": sizes["lowbit"], "comm_bytes_per_warmup_step": sizes["warmup"],
                 "comm_bytes_per_fp32_step": sizes["fp32"], "comm_gradient_bytes_per_step": sizes["gradient"],
                 "comm_weight_bytes_per_step": sizes["weight"],
                 "comm_alltoall_gradient_bytes_per_step": sizes["gradient_alltoall"]}
@@ -244,18 +267,47 @@ class ShardedLowBitUpdate(nn.Cell):
         return self.all_gather(value)
 
     def shard_gradient(self, flat):
-        """The owner's mean gradient shard (S,), from every rank's codes (the emulated all-to-all)."""
+        """(the owner's mean gradient shard (S,) from every rank's codes (the emulated all-to-all), this rank's next
+        residual (padded,)). With error feedback the residual is added before quantizing and the next residual is
+        what the codes left out (the caller keeps it only if the update is applied); without, the second output is
+        `flat` itself, unused."""
         exchange = self.exchange
-        levels, scales = exchange.quantize(flat, exchange.noise((exchange.padded,)))
+        if self.error_feedback:
+            flat = flat + exchange.residual
+        levels, own_scales = exchange.quantize(flat, exchange.noise((exchange.padded,)))
+        carried = flat
+        if self.error_feedback:
+            # the dequantized values this rank sent, with decode's ops (levels * scale / k): exact as received
+            carried = flat - levels * (exchange.expand(own_scales.reshape(1, -1)).reshape(-1) / exchange.top)
         words = self.gather(exchange.encode(levels))
-        scales = self.gather(scales)
+        scales = self.gather(own_scales)
         codes = unpack_words_graph(words.reshape(self.world_size, -1), exchange.bits)  # (ranks, padded + pad)
         mine = codes[:, self.start:self.start + self.shard].reshape(self.world_size, self.shard_buckets,
                                                                      self.bucket_size)  # (ranks, buckets, B)
         units = scales.reshape(self.world_size, -1)[:, self.first_bucket:self.first_bucket + self.shard_buckets]
         steps = units.reshape(self.world_size, self.shard_buckets, 1) / exchange.top
         values = (mine.astype(ms.float32) - exchange.top) * steps
-        return values.sum(0).reshape(-1) / float(self.world_size)
+        return values.sum(0).reshape(-1) / float(self.world_size), carried
+
+    def fp32_shard_gradient(self, flat):
+        """The owner's shard (S,) of the exact fp32 mean gradient (warm-up): an AllReduce of the fused vector, then
+        local selection (a reduce-scatter would move less; the CPU backend has none)."""
+        if self.world_size > 1:
+            flat = self.all_reduce(flat) / float(self.world_size)
+        return flat[self.start:self.start + self.shard]
+
+    def exchanged_gradient(self, flat):
+        """(mean gradient shard, next residual): fp32 while applied updates < warmup_steps, then low-bit."""
+        if self.warmup_steps > 0:
+            done = self.state.updates + 0
+            if done < self.warmup_steps:
+                ops.assign_add(self.state.fp32_calls, Tensor(1, ms.int32))
+                carried = flat
+                if self.error_feedback:
+                    carried = self.exchange.residual + 0.0  # untouched during the warm-up
+                return self.fp32_shard_gradient(flat), carried
+            return self.shard_gradient(flat)
+        return self.shard_gradient(flat)
 
     def verdict(self, flat, gradient):
         """(applied, global norm of the mean gradient), identical on every rank: one all-reduce of
@@ -309,8 +361,12 @@ class ShardedLowBitUpdate(nn.Cell):
         state = self.state
         ops.assign_add(state.calls, Tensor(1, ms.int32))
         flat = self.exchange.fuse(grads)
-        gradient = self.shard_gradient(flat)
+        gradient, carried = self.exchanged_gradient(flat)
         applied, norm = self.verdict(flat, gradient)
+        if self.error_feedback:
+            # a skipped update (any rank's overflow) leaves the residual as it was, as it leaves everything else
+            residual = self.exchange.residual
+            ops.assign(residual, ops.where(applied, carried, residual))
         if self.max_grad_norm is not None:
             # the clip of step.py's _clip, on the mean gradient's global norm (the same factor on every rank)
             gradient = gradient * ops.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)

@@ -1,15 +1,17 @@
 """Scheme 2 (sharded low-bit worker/server) driven by the engine.
 
 One process: TrainStep with the update cell (accumulation, dynamic loss scale with a skipped overflow, clipping
-that bites, a warm-up schedule starting at lr 0; the separate-members path) equals a numpy twin of the low-bit
-mean, the global-norm clip and the owner's AdamW; low-bit weights from the first forward; refused combinations
-name their key.
+that bites, a warm-up schedule starting at lr 0; plain, with error feedback, and with 2 fp32 warm-up updates then
+error feedback; the separate-members path) equals a numpy twin of the low-bit mean (or the exact mean), the
+residual, the global-norm clip and the owner's AdamW; low-bit weights from the first forward; refused
+combinations name their key.
 
 2 msrun ranks, `msnc finetune` (the CLI, through tests/parallel/sharded_trainer_worker.py which only records):
-4-bit gradients with fp32 weights equal a numpy twin update by update (reference gradients from a fresh model at
-the twin's weights, each rank's noise recomputed from the stream hash), ranks bit-identical; with TWN weights the
-model's Parameters are ternary per bucket; kill -9 of the launch mid-run, then the same command, ends with the
-uninterrupted run's weights and per-rank state, bit for bit.
+4-bit gradients with fp32 weights, one fp32 warm-up update, then error feedback, equal a numpy twin update by
+update (reference gradients from a fresh model at the twin's weights, each rank's noise recomputed from the stream
+hash, each rank's residual), ranks bit-identical; with TWN weights the model's Parameters are ternary per bucket;
+kill -9 of the launch after a low-bit update's checkpoint, then the same command, ends with the uninterrupted
+run's weights and per-rank state (residuals included), bit for bit.
 """
 import json
 import os
@@ -121,7 +123,13 @@ class TwoMembers(nn.Cell):
         return (self.member, self.member)
 
 
-def test_update_cell_step_matches_twin_with_accumulation_overflow_and_schedule(graph_mode):
+@pytest.mark.parametrize("error_feedback, warmup_steps, overflows, calls", [
+    (False, 0, (2,), 5),
+    (True, 0, (2,), 5),  # the skipped update 3 must keep the residual
+    (True, 2, (1, 4), 6),  # fp32 for applied updates 1-2 (a skipped call between them), then low-bit + residual
+], ids=["plain", "error_feedback", "warmup_then_error_feedback"])
+def test_update_cell_step_matches_twin_with_accumulation_overflow_and_schedule(graph_mode, error_feedback,
+                                                                               warmup_steps, overflows, calls):
     set_dropout_seed(SEED, 0)
     rng = np.random.default_rng(0)
     cell = SquaredError(rng)
@@ -129,36 +137,52 @@ def test_update_cell_step_matches_twin_with_accumulation_overflow_and_schedule(g
     groups = -(-130 // BUCKET)  # 130 entries -> 3 buckets of 64, zero padded
     padded = groups * BUCKET
     max_norm, peak, total, warmup = 0.5, 0.05, 4, 2
-    update = ShardedLowBitUpdate(params, CommConfig(scheme="sharded", gradient_bits=3, bucket_size=BUCKET), 1, 0,
-                                 optimizer="adam", beta1=BETA1, beta2=BETA2, eps=EPS, weight_decay=0.1,
-                                 decay_flags=[True, False], max_grad_norm=max_norm)
+    comm = CommConfig(scheme="sharded", gradient_bits=3, bucket_size=BUCKET, error_feedback=error_feedback,
+                      warmup_steps=warmup_steps)
+    update = ShardedLowBitUpdate(params, comm, 1, 0, optimizer="adam", beta1=BETA1, beta2=BETA2, eps=EPS,
+                                 weight_decay=0.1, decay_flags=[True, False], max_grad_norm=max_norm)
     step = TrainStep(cell, None, LossScaler("dynamic", 1024.0), accumulation=2, update_cell=update,
                      learning_rate=lambda t: warmup_linear(t, peak, total, warmup))
     mask = fused([np.ones(120), np.zeros(10)], padded)
     master = initial = fused([p.asnumpy() for p in params], padded)
     moment1, moment2 = np.zeros(padded, np.float32), np.zeros(padded, np.float32)
-    draw, applied, norms = 0, 0, []
-    # update 3 sees an inf in a micro-batch: skipped (nothing moves, the scale halves), noise draw still used
-    for update_index in range(5):
+    residual = np.zeros(padded, np.float32)
+    draw, applied, norms, fp32_calls = 0, 0, [], 0
+
+    def state():  # copies: asnumpy() may share the Parameter's memory, which the next call overwrites
+        carried = [update.residual] if error_feedback else []
+        return [value.asnumpy().copy() for value in [update.master, update.moment1] + carried + params]
+
+    # an inf in a micro-batch of the calls in `overflows`: skipped (nothing moves, the scale halves); a low-bit
+    # call still draws its noise, a warm-up call draws none
+    for call in range(calls):
         batches = [(rng.normal(size=(6, 12)).astype(np.float32), rng.normal(size=(6, 10)).astype(np.float32))
                    for _ in range(2)]
-        if update_index == 2:
+        if call in overflows:
             batches[1][0][0, 0] = np.inf
-        before = [update.master.asnumpy(), update.moment1.asnumpy()] + [p.asnumpy() for p in params]
+        warming = applied < warmup_steps
+        before = state()
         results = [step(Tensor(x), Tensor(y)) for x, y in batches]
         assert not results[0].boundary and results[1].boundary
-        draw += 1
-        if update_index == 2:
-            assert not results[1].applied and step.scaler.scale == 512.0
-            after = [update.master.asnumpy(), update.moment1.asnumpy()] + [p.asnumpy() for p in params]
-            for old, new in zip(before, after):
+        draw += not warming
+        fp32_calls += warming
+        if call in overflows:
+            skipped = sum(index <= call for index in overflows)
+            assert not results[1].applied and step.scaler.scale == 1024.0 / 2 ** skipped
+            for old, new in zip(before, state()):
                 np.testing.assert_array_equal(old, new)
             continue
         weight, bias = master[:120].reshape(12, 10), master[120:130]
         grads = [squared_error_grads(weight, bias, x, y) for x, y in batches]
         mean_grad = [(a + b) / np.float32(2) for a, b in zip(*grads)]  # the accumulation buffers' mean
         flat = fused(mean_grad, padded)
-        mean = low_bit_mean([flat], SEED, draw, groups, 3)
+        if warming:
+            mean = flat  # one rank: the exact fp32 mean is its own gradient
+        else:
+            corrected = flat + residual if error_feedback else flat
+            mean = low_bit_mean([corrected], SEED, draw, groups, 3)  # one rank: its own dequantized codes
+            if error_feedback:
+                residual = (corrected - mean).astype(np.float32)
         gradient, norm = clip(mean, max_norm)
         norms.append(norm)
         applied += 1
@@ -167,13 +191,24 @@ def test_update_cell_step_matches_twin_with_accumulation_overflow_and_schedule(g
         assert results[1].applied
         np.testing.assert_allclose(results[1].grad_norm, norm, rtol=1e-5)
         # float64 numpy gradients vs float32 MindSpore ones: a few float32 ulps through the quantizer and Adam
-        np.testing.assert_allclose(update.moment1.asnumpy(), moment1, rtol=1e-5, atol=1e-7, err_msg=f"m {draw}")
-        np.testing.assert_allclose(update.master.asnumpy(), master, rtol=1e-5, atol=1e-6, err_msg=f"w {draw}")
+        np.testing.assert_allclose(update.moment1.asnumpy(), moment1, rtol=1e-5, atol=1e-7, err_msg=f"m {call}")
+        np.testing.assert_allclose(update.master.asnumpy(), master, rtol=1e-5, atol=1e-6, err_msg=f"w {call}")
+        if error_feedback:
+            np.testing.assert_allclose(update.residual.asnumpy(), residual, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"residual {call}")
         written = np.concatenate([p.asnumpy().reshape(-1) for p in params])  # weight_bits null: the master itself
         np.testing.assert_array_equal(written, update.master.asnumpy()[:130])
-    assert update.updates_done() == 4 and update.comm_stats()["comm_exchanges"] == 5
+    stats = update.comm_stats()
+    assert update.updates_done() == applied == calls - len(overflows) and stats["comm_exchanges"] == calls
+    assert stats["comm_fp32_exchanges"] == fp32_calls == (3 if warmup_steps else 0)
+    assert update.exchange.noise.rng_counter.asnumpy() == draw == calls - fp32_calls
+    sizes = update.bytes_per_step()
+    assert sizes["warmup"] == 4 * padded + 4 * padded + 8  # fp32 all-reduce + fp32 weight shard + verdict
+    assert stats["comm_bytes_sent"] == fp32_calls * sizes["warmup"] + (calls - fp32_calls) * sizes["lowbit"]
     assert max(norms) > max_norm  # the clip bit at least once
     assert np.abs(master - initial).max() > 0.01  # it trained (the first update, at lr 0, moved nothing)
+    if error_feedback:
+        assert np.abs(residual).max() > 0.01  # the residual carries real error (3-bit codes of ~unit gradients)
 
 
 def test_separate_members_feed_the_update_cell(graph_mode):
@@ -242,11 +277,8 @@ def test_refused_combinations_name_the_key(tmp_path):
     config.train.optimizer = "lamb"
     with pytest.raises(ConfigError, match=r"^train\.optimizer: .*sharded"):
         trainer(config)
-    for key, value, pattern in (("bucket_size", 0, r"^comm\.bucket_size"),
-                                ("error_feedback", True, r"^comm\.error_feedback"),
-                                ("warmup_steps", 2, r"^comm\.warmup_steps")):
-        with pytest.raises(ConfigError, match=pattern):
-            trainer(tiny_experiment(**dict(sharded, **{key: value})))
+    with pytest.raises(ConfigError, match=r"^comm\.bucket_size"):
+        trainer(tiny_experiment(**dict(sharded, bucket_size=0)))
     with pytest.raises(ConfigError, match=r"^comm\.weight_bits: .*scheme sharded"):
         tiny_experiment(scheme="allgather", weight_bits=2).comm.validate("comm")
     config = tiny_experiment(**sharded)
@@ -264,6 +296,7 @@ def test_refused_combinations_name_the_key(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "a", "plot", "very"]
 UPDATES, MAX_NORM, PEAK = 4, 0.05, 0.01
+WARMUP = 1  # comm.warmup_steps of the msrun runs: update 1 exchanges fp32, updates 2-4 low-bit with error feedback
 MODEL = NezhaConfig(vocab_size=17, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                     max_relative_position=8, hidden_dropout=0.0, attention_dropout=0.0)
 
@@ -297,7 +330,8 @@ data: {{task: sst2, data_dir: {root / 'sst2'}, vocab: {root / 'vocab.txt'}, max_
         eval_batch_size: 8}}
 train: {{learning_rate: {PEAK}, max_steps: {UPDATES}, warmup_ratio: 0.5, eval_every: 0, save_every: 1,
          keep_checkpoints: 10, log_every: 1, max_grad_norm: {MAX_NORM}}}
-comm: {{scheme: sharded, gradient_bits: 4, weight_bits: null, bucket_size: {BUCKET}}}
+comm: {{scheme: sharded, gradient_bits: 4, weight_bits: null, bucket_size: {BUCKET}, error_feedback: true,
+        warmup_steps: {WARMUP}}}
 """)
     return config
 
@@ -322,7 +356,8 @@ def msrun(root: Path, name: str, commands, port: int, env_extra=None, background
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One launch, two `msnc finetune` runs: 4-bit gradients with fp32 weights, then TWN weights (3 updates)."""
+    """One launch, two `msnc finetune` runs (error feedback, 1 fp32 warm-up update): 4-bit gradients with fp32
+    weights, then TWN weights (3 updates)."""
     root = tmp_path_factory.mktemp("sharded")
     config = write_task(root)
     msrun(root, "reference", [["finetune", "--config", str(config)],
@@ -399,12 +434,23 @@ def test_msnc_finetune_sharded_matches_twin_and_ranks_agree(reference):
     mask = fused([np.full(size, float(decayed(name))) for name, size in zip(names, sizes)], padded)
     master = fused([initial[name] for name in names], padded)
     moment1, moment2 = np.zeros(padded, np.float32), np.zeros(padded, np.float32)
+    residuals = [np.zeros(padded, np.float32) for _ in (0, 1)]
     records = [np.load(root / "record_reference" / "0" / f"batches_{rank}.npz") for rank in (0, 1)]
     assert all(int(record["count"]) == UPDATES for record in records)
     logged = [json.loads(line) for line in (root / "reference" / "metrics.jsonl").read_text().splitlines()]
     logged = [entry for entry in logged if entry["type"] == "train"]
     clipped = 0
     for update in range(1, UPDATES + 1):
+        if update > 1:
+            # One update at a time, from the engine's state after the previous update (which the twin matched
+            # there): the twin's gradients (PyNative) and scales (float64) differ from the graph's by float32
+            # ulps, a carried residual keeps such differences, and one of them can move a stochastic rounding
+            # decision across its noise draw; in a bucket of ~1e-5 gradients Adam's normalisation turns that one
+            # level into a ~1e-3 weight difference, and every later update would inherit it (seen at update 4).
+            previous = [rank_state(root, "reference", update - 1, rank) for rank in (0, 1)]
+            master, moment1, moment2 = (np.concatenate([state[key] for state in previous])
+                                        for key in ("master", "moment1", "moment2"))
+            residuals = [state["residual"] for state in previous]
         weights = dict(zip(names, np.split(master[:sum(sizes)], np.cumsum(sizes)[:-1])))
         weights = {name: value.reshape(initial[name].shape) for name, value in weights.items()}
         flats = []
@@ -412,7 +458,15 @@ def test_msnc_finetune_sharded_matches_twin_and_ranks_agree(reference):
             batch = [record[f"b{update - 1}_c{column}"] for column in range(4)]
             flats.append(fused(reference_gradients(model, grad_fn, weights, batch), padded))
         assert not np.array_equal(records[0][f"b{update - 1}_c0"], records[1][f"b{update - 1}_c0"])  # own data
-        mean = low_bit_mean(flats, SEED, update, groups, 4)
+        draw = update - WARMUP  # the warm-up draws no rounding noise
+        if update <= WARMUP:
+            mean = ((flats[0] + flats[1]) / np.float32(2)).astype(np.float32)  # the fp32 all-reduce's mean
+        else:
+            corrected = [flat + residual for flat, residual in zip(flats, residuals)]
+            scales = [twin.reference_scales(flat, [BUCKET] * groups, 3.0).astype(np.float32) for flat in corrected]
+            noises = [twin.stream_uniforms(SEED, rank, GRADIENT_NOISE_SITE, draw, padded) for rank in (0, 1)]
+            mean, sent = twin.exchange_mean(corrected, scales, noises, [BUCKET] * groups, 4)
+            residuals = [(flat - own).astype(np.float32) for flat, own in zip(corrected, sent)]
         gradient, norm = clip(mean, MAX_NORM)
         clipped += norm > MAX_NORM
         lr = warmup_linear(update - 1, PEAK, UPDATES, UPDATES // 2)
@@ -427,7 +481,14 @@ def test_msnc_finetune_sharded_matches_twin_and_ranks_agree(reference):
                                        err_msg=f"update {update} rank {rank}")
             np.testing.assert_allclose(state["moment1"], moment1[own], rtol=2e-5, atol=1e-7)
             np.testing.assert_allclose(state["moment2"], moment2[own], rtol=2e-5, atol=1e-10)
-            assert state["updates"].item() == update and state["noise.rng_counter"].item() == update
+            # each rank's residual covers its whole gradient (it compressed all of it), not only its shard
+            np.testing.assert_allclose(state["residual"], residuals[rank], rtol=2e-5, atol=2e-7,
+                                       err_msg=f"residual update {update} rank {rank}")
+            assert state["updates"].item() == update and state["noise.rng_counter"].item() == draw
+            assert state["fp32_calls"].item() == min(update, WARMUP)
+        assert (update <= WARMUP) == (not np.abs(states[0]["residual"]).max() > 0)  # untouched by the warm-up
+        if update > WARMUP:
+            assert not np.array_equal(states[0]["residual"], states[1]["residual"])  # per rank: own data, own noise
         saved = read_safetensors(root / "reference" / "checkpoints" / f"step-{update:07d}" / "model.safetensors")
         engine_master = np.concatenate([state["master"] for state in states])
         # weight_bits null: the model Parameters ARE the gathered masters, bit for bit
@@ -445,7 +506,10 @@ def test_msnc_finetune_sharded_matches_twin_and_ranks_agree(reference):
     words = -(-padded // 8)  # 4-bit codes, 8 per int32 word
     assert stats["comm_gradient_bytes_per_step"] == 4 * words + 4 * groups
     assert stats["comm_weight_bytes_per_step"] == 4 * shard  # fp32 master shard
-    assert stats["comm_bytes_sent"] == UPDATES * stats["comm_bytes_per_lowbit_step"] == logged[-1]["comm_bytes_sent"]
+    assert stats["comm_fp32_exchanges"] == WARMUP and stats["comm_lowbit_exchanges"] == UPDATES - WARMUP
+    assert stats["comm_bytes_per_warmup_step"] == 4 * padded + 4 * shard + 8  # fp32 all-reduce + weights + verdict
+    assert stats["comm_bytes_sent"] == (WARMUP * stats["comm_bytes_per_warmup_step"] + (UPDATES - WARMUP)
+                                        * stats["comm_bytes_per_lowbit_step"]) == logged[-1]["comm_bytes_sent"]
     assert trainer_notes[0]["optimizer"].startswith("comm.scheme: with scheme sharded")
     # rank 0's directory has no optimizer state: the moments live in the rank files only
     assert read_safetensors(root / "reference" / "checkpoints" / "step-0000004" / "optimizer.safetensors") == {}
@@ -488,14 +552,26 @@ def test_kill_minus_nine_mid_run_resumes_to_the_uninterrupted_weights(reference)
     victim = msrun(root, "victim", [command], port=8262, env_extra={"SHARDED_WORKER_PAUSE": "1.0"},
                    background=True)
     pointer = root / "victim" / "checkpoints" / "LATEST"
+
+    def latest():
+        try:
+            return pointer.read_text().strip()
+        except OSError:
+            return ""
+
+    # wait for a checkpoint after a low-bit update: its residuals are non-zero, so the resume needs them
+    first_lowbit = f"step-{WARMUP + 1:07d}"
     deadline = time.time() + 240
-    while not pointer.exists() and time.time() < deadline and victim.poll() is None:
+    while latest() < first_lowbit and time.time() < deadline and victim.poll() is None:
         time.sleep(0.05)
     assert len(descendants(victim.pid)) >= 2, "the launch's workers are not running"
     kill_launch(victim)
     assert victim.returncode == -signal.SIGKILL, "the launch finished before it could be killed"
     killed_at = pointer.read_text().strip()
-    assert killed_at < f"step-{UPDATES:07d}", killed_at
+    assert first_lowbit <= killed_at < f"step-{UPDATES:07d}", killed_at
+    killed_update = int(killed_at.split("-")[1])
+    for rank in (0, 1):
+        assert np.abs(rank_state(root, "victim", killed_update, rank)["residual"]).max() > 0
     assert not (root / "victim" / "results.json").exists()
     msrun(root, "resumed", [command], port=8263)
     results = json.loads((root / "victim" / "results.json").read_text())
