@@ -102,7 +102,8 @@ class ShardedLowBitUpdate(nn.Cell):
     the low-bit codes, takes the overflow verdict and the global norm of the MEAN gradient, clips, updates the
     owned master shard, gathers the (low-bit) weights and assigns them to `parameters`. Returns (applied, norm):
     applied is False on every rank when any rank's gradient had a non-finite entry (nothing moves then, the
-    error-feedback residual included, except the rounding-noise and call counters), norm is the mean gradient's global norm before clipping.
+    error-feedback residual included, except the rounding-noise and call counters), norm is the mean gradient's
+    global norm before clipping.
 
     Clipping: the global norm is that of the averaged gradient, as with the fp32 all-reduce and scheme 1 (whose
     FinishGradients clips after the exchange), so the three schemes clip the same quantity. Each owner only holds
