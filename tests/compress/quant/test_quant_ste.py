@@ -33,13 +33,30 @@ def test_forward_and_gradient(make_cell, quantizer):
     cell = make_cell()
     assert not cell.trainable_params()
     x = Tensor(INPUT)
-    np.testing.assert_allclose(cell(x).asnumpy(), quantizer(x).asnumpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(cell(x).asnumpy(), quantizer(x).asnumpy())  # the value IS q, bit for bit
 
     def loss(value):
         return weighted_output(cell, value, Tensor(UPSTREAM))
 
     gradient = ms.grad(loss)(x).asnumpy()
     np.testing.assert_array_equal(gradient, UPSTREAM * INSIDE)
+
+
+@pytest.mark.parametrize("make_cell,quantizer", CELLS_AND_QUANTIZERS)
+def test_forward_is_the_quantized_value_bit_for_bit_in_graph_mode(make_cell, quantizer):
+    """Not q up to a rounding: `x + (q - x)` differs from q in the last bit for some entries, and in a QAT model
+    such a bit can move the next 8-bit activation point across a rounding boundary (the exported graph, which
+    computes q, then disagrees with the fake-quant model: measured 8.9e-3 on the logits of a 2-2-8 MiniLM after 374
+    QAT updates, 0 with the exact form). The rounding happens where q is more than twice x (below that, Sterbenz
+    makes q - x exact): heavy tails (Student t, as trained weights) put TWN's alpha far above its threshold."""
+    x = Tensor((np.random.default_rng(7).standard_t(2.0, (64, 384)) * 0.2).astype(np.float32))
+    cell = make_cell()
+
+    @ms.jit
+    def forward(value):
+        return cell(value)
+
+    np.testing.assert_array_equal(forward(x).asnumpy(), quantizer(x).asnumpy())
 
 
 def test_cells_hold_no_parameters():
