@@ -1,6 +1,7 @@
 """The fp32 teacher on the same dev / test subsets as the msnc quantize rows of compress/quant/README.md.
 
-    .venv/bin/python scripts/quant_eval_teacher.py [EVAL_LIMIT]      (default 300, as the README rows)
+    .venv/bin/python scripts/quant_eval_teacher.py [EVAL_LIMIT] [MODEL_DIR]
+    (defaults: 300 rows, as the README rows; the MiniLM teacher runs/vader_sst2_cpu/best)
 """
 import json
 import sys
@@ -12,7 +13,7 @@ from ms_nlp_compress.config import load_config
 from ms_nlp_compress.models.checkpoint import load_model_dir
 from ms_nlp_compress.train.finetune import read_split, encode, load_tokenizer_for, evaluate_classifier
 config = load_config("ascend_configs/ternary_vader_cpu.yaml", [f"data.eval_limit={sys.argv[1] if len(sys.argv) > 1 else 300}"])
-teacher = Path("runs/vader_sst2_cpu/best")
+teacher = Path(sys.argv[2] if len(sys.argv) > 2 else "runs/vader_sst2_cpu/best")
 model, _ = load_model_dir(teacher)
 tok = load_tokenizer_for(config, teacher)
 out = {}
