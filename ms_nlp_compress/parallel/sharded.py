@@ -14,7 +14,10 @@ keeps the fp32 MASTER copy of that shard. Each update:
     verdict : one AllReduce of 2 floats: [my mean shard's sum of squares, my non-finite local entries] -> the same
               skip decision and the global norm of the MEAN gradient on every rank -> optional global-norm clip
     owner   : update of its master shard by the owner's optimizer at the lr it is given: SGD
-              (master -= lr * mean) or Adam (moments of its shard only, bias-corrected, decoupled weight decay)
+              (master -= lr * mean), Adam (moments of its shard only, bias-corrected, decoupled weight decay) or
+              LAMB (that AdamW direction r times ||w|| / ||r|| per TENSOR: the owner's per-tensor partial sums of
+              w^2 and r^2 over its shard entries, one AllReduce of 2 * n_tensors floats -> the whole tensors'
+              norms on every rank -> the trust ratio of each tensor back onto its shard entries)
               quantize the updated shard per bucket: TWN (weight_bits 2), symmetric m-bit (3..8) or fp32 (null)
     all     : AllGather(int32 weight codes) + AllGather(float32 per-bucket units) -> every rank writes the
               dequantized weights into its model Parameters (forward and backward run at the low-bit weights)
@@ -73,9 +76,62 @@ def decay_runs(sizes: Sequence[int], flags: Sequence[bool], start: int, length: 
     return runs
 
 
+def tensor_runs(sizes: Sequence[int], start: int, length: int) -> List[Tuple[int, int]]:
+    """(run length, tensor index) pieces covering entries [start, start + length) of the fused vector, whose tensors
+    have `sizes` in order; bucket padding past the last tensor gets the index len(sizes) (no tensor)."""
+    runs: List[Tuple[int, int]] = []
+    offset = 0
+    for index, size in enumerate(list(sizes) + [start + length]):  # the tail sentinel covers padding
+        low, high = max(offset, start), min(offset + size, start + length)
+        if high > low:
+            runs.append((high - low, index))
+        offset += size
+    return runs
+
+
+class ShardTrustRatio(nn.Cell):
+    """LAMB's trust ratio (train/optim.py `Lamb`) for the entries of one shard, whose tensors span shards.
+
+    The ratio of a tensor is ||w|| / ||r|| over the WHOLE tensor (1 when either norm is 0), so it is taken in two
+    halves around one sum over the ranks: `partial_sums` gives this shard's sums of w^2 and r^2 per tensor
+    (segment sums over the tensor index of each entry; padding has an index of its own that is dropped, so it
+    never counts), the caller all-reduces them (2 * n_tensors floats), and `entry_trust` turns the whole tensors'
+    sums into one ratio per shard entry. A Cell without Parameters (the tensor index of each entry is built from
+    static runs, as `decay_mask` is: no shard-sized constant).
+    """
+
+    def __init__(self, sizes: Sequence[int], start: int, length: int):
+        super().__init__()
+        self.tensors = len(sizes)
+        self.runs = tensor_runs(sizes, start, length)
+
+    def tensor_index(self):
+        """(S,) int32: the index of the tensor each shard entry belongs to; n_tensors for padding."""
+        pieces = ()
+        for length, index in self.runs:
+            pieces = pieces + (ops.full((length,), index, dtype=ms.int32),)
+        return ops.concat(pieces)
+
+    def partial_sums(self, weights, update):
+        """(2 * n_tensors,) = [sum of w^2 per tensor, sum of r^2 per tensor] over this shard's entries."""
+        squares = ops.stack((ops.square(weights), ops.square(update)), 1)  # (S, 2)
+        sums = ops.unsorted_segment_sum(squares, self.tensor_index(), self.tensors + 1)  # (n_tensors + 1, 2)
+        return sums[:self.tensors].transpose(1, 0).reshape(-1)  # padding's row dropped
+
+    def entry_trust(self, sums):
+        """(S,) trust ratio of each shard entry's tensor from the whole tensors' sums (2 * n_tensors,)."""
+        w_norm = ops.sqrt(sums[:self.tensors])
+        r_norm = ops.sqrt(sums[self.tensors:])
+        both_positive = ops.logical_and(w_norm > 0.0, r_norm > 0.0)
+        safe_r_norm = ops.select(r_norm > 0.0, r_norm, ops.ones_like(r_norm))  # keep the unused branch finite
+        trust = ops.select(both_positive, w_norm / safe_r_norm, ops.ones_like(w_norm))
+        trust = ops.concat((trust, ops.ones((1,), ms.float32)))  # padding (its update is 0 anyway)
+        return ops.gather(trust, self.tensor_index(), 0)
+
+
 class _ShardState(nn.Cell):
     """What an owner keeps between updates, different on every rank: its fp32 master shard, the two Adam moments
-    of that shard (Adam only), and counters (applied updates: Adam's t, the schedule's position and the warm-up's;
+    of that shard (Adam and LAMB), and counters (applied updates: Adam's t, the schedule's position and the warm-up's;
     calls, skipped ones included, and with a warm-up the calls that exchanged fp32: the byte accounting). A Cell of
     its own so that per-rank checkpoints hold exactly this (plus the exchange's noise counter and error-feedback
     residual), never a copy of the model."""
@@ -117,10 +173,12 @@ class ShardedLowBitUpdate(nn.Cell):
             updates exchange the fp32 mean, skipped calls not counted) as in scheme 1.
         world_size, rank: data-parallel position (the owned shard is baked into the graph).
         learning_rate: default step size when `construct` gets no lr (tests); the engine passes the schedule's lr.
-        optimizer: "sgd" or "adam" (the owner keeps Adam's two moments for its shard only: 2 * S floats per rank
-            instead of 2 * d); beta1, beta2, eps, weight_decay: Adam's settings (AdamW-style decoupled decay).
-        decay_flags: per Parameter, whether Adam's weight decay applies (train/optim.py `decay_mask`: not biases
-            and LayerNorms); None decays every entry.
+        optimizer: "sgd", "adam" or "lamb" (the owner keeps Adam's two moments for its shard only: 2 * S floats
+            per rank instead of 2 * d); beta1, beta2, eps, weight_decay: Adam's settings (AdamW-style decoupled
+            decay), LAMB's too (train/optim.py `Lamb`: the same direction times the per-tensor trust ratio, which
+            costs one more all-reduce of 2 * n_tensors floats: `ShardTrustRatio`).
+        decay_flags: per Parameter, whether the weight decay applies (train/optim.py `decay_mask`: not biases
+            and LayerNorms); None decays every entry. LAMB's trust ratio applies to every tensor either way.
         max_grad_norm: global-norm clip of the mean gradient, or None.
     State: `rank_state_cells()` (master shard, moments, counters, the noise stream's counter, the error-feedback
     residual) differs per rank
@@ -142,8 +200,8 @@ class ShardedLowBitUpdate(nn.Cell):
                               "set bucket_size >= 64")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world size {world_size}")
-        if optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"sharded owner optimizer must be sgd or adam, got {optimizer!r}")
+        if optimizer not in ("sgd", "adam", "lamb"):
+            raise ConfigError(f"sharded owner optimizer must be sgd, adam or lamb, got {optimizer!r}")
         self.parameters = list(parameters)
         if decay_flags is not None and len(decay_flags) != len(self.parameters):
             raise ValueError(f"decay_flags: {len(decay_flags)} flags for {len(self.parameters)} parameters")
@@ -160,7 +218,8 @@ class ShardedLowBitUpdate(nn.Cell):
         self.weight_bits = comm.weight_bits
         initial = np.concatenate([p.asnumpy().astype(np.float32).reshape(-1) for p in self.parameters])
         initial = np.concatenate([initial, np.zeros(layout.padded - initial.size, np.float32)])
-        self.adam = optimizer == "adam"
+        self.adam = optimizer in ("adam", "lamb")  # LAMB is AdamW's direction rescaled per tensor
+        self.lamb = optimizer == "lamb"
         self.warmup_steps = int(comm.warmup_steps)
         self.error_feedback = bool(comm.error_feedback)  # the residual is the exchange's Parameter (full vector)
         self.state = _ShardState(initial[self.start:self.start + self.shard].copy(), self.adam, self.warmup_steps > 0)
@@ -169,6 +228,8 @@ class ShardedLowBitUpdate(nn.Cell):
             self.weight_decay = float(weight_decay)
             flags = [True] * len(self.parameters) if decay_flags is None else [bool(f) for f in decay_flags]
             self.decay_runs = decay_runs(layout.sizes, flags, self.start, self.shard)
+        if self.lamb:
+            self.trust = ShardTrustRatio(layout.sizes, self.start, self.shard)
         if self.weight_bits is not None:
             self.weight_top = float(top_level(self.weight_bits))
             self.weight_padding = (-self.shard) % codes_per_word(self.weight_bits)
@@ -233,7 +294,8 @@ class ShardedLowBitUpdate(nn.Cell):
         fp32 master shard for weight_bits null); verdict: the 2-float all-reduce. gradient_alltoall: what the
         gradient leg would send to the other ranks with an all-to-all (each owner's chunk: its codes + scales).
         lowbit / warmup: a whole update with the low-bit gradient leg / with the warm-up's fp32 all-reduce of the
-        fused vector (fp32, which is also the plain fp32 all-reduce's gradient bytes) in its place.
+        fused vector (fp32, which is also the plain fp32 all-reduce's gradient bytes) in its place. trust (LAMB
+        only, else 0): the all-reduce of every tensor's partial sums of w^2 and r^2 (2 * n_tensors floats).
         """
         layout = self.exchange.layout
         gradient = layout.lowbit_bytes()
@@ -242,13 +304,14 @@ class ShardedLowBitUpdate(nn.Cell):
         else:
             weight = 4 * packed_words(self.shard, self.weight_bits) + 4 * self.shard_buckets
         chunk = 4 * packed_words(self.shard, self.exchange.bits) + 4 * self.shard_buckets
-        return {"lowbit": gradient + weight + 8, "warmup": layout.fp32_bytes() + weight + 8,
-                "fp32": layout.fp32_bytes(), "gradient": gradient, "weight": weight, "verdict": 8,
+        trust = 4 * 2 * len(layout.sizes) if self.lamb else 0
+        return {"lowbit": gradient + weight + 8 + trust, "warmup": layout.fp32_bytes() + weight + 8 + trust,
+                "fp32": layout.fp32_bytes(), "gradient": gradient, "weight": weight, "verdict": 8, "trust": trust,
                 "gradient_alltoall": (self.world_size - 1) * chunk}
 
     def comm_stats(self) -> Dict[str, int]:
         """The counters scheme 1 logs, plus the legs. comm_bytes_sent counts every leg of every call: a warm-up
-        call's fp32 all-reduce + weights + verdict, a low-bit call's codes + weights + verdict."""
+        call's fp32 all-reduce + weights + verdict (+ trust), a low-bit call's codes + weights + verdict (+ trust)."""
         exchanges = int(self.state.calls.asnumpy())
         fp32_calls = int(self.state.fp32_calls.asnumpy()) if self.warmup_steps else 0
         lowbit_calls = exchanges - fp32_calls
@@ -258,7 +321,7 @@ class ShardedLowBitUpdate(nn.Cell):
                 "comm_bytes_sent": fp32_calls * sizes["warmup"] + lowbit_calls * sizes["lowbit"],
                 "comm_bytes_per_lowbit_step": sizes["lowbit"], "comm_bytes_per_warmup_step": sizes["warmup"],
                 "comm_bytes_per_fp32_step": sizes["fp32"], "comm_gradient_bytes_per_step": sizes["gradient"],
-                "comm_weight_bytes_per_step": sizes["weight"],
+                "comm_weight_bytes_per_step": sizes["weight"], "comm_trust_bytes_per_step": sizes["trust"],
                 "comm_alltoall_gradient_bytes_per_step": sizes["gradient_alltoall"]}
 
     # ---- graph pieces -------------------------------------------------------------------------------------
@@ -342,7 +405,8 @@ class ShardedLowBitUpdate(nn.Cell):
         return ops.concat(pieces)
 
     def adam_update(self, gradient, lr, applied):
-        """The owner's AdamW step on its shard (the moments never leave this rank); a skipped update keeps them."""
+        """The owner's AdamW (or LAMB) step on its shard (the moments never leave this rank); a skipped update keeps
+        them."""
         state = self.state
         step = state.updates.astype(ms.float32) + 1.0
         moment1 = self.beta1 * state.moment1 + (1.0 - self.beta1) * gradient
@@ -354,6 +418,13 @@ class ShardedLowBitUpdate(nn.Cell):
             update = update + self.weight_decay * self.decay_mask() * state.master
         ops.assign(state.moment1, ops.where(applied, moment1, state.moment1))
         ops.assign(state.moment2, ops.where(applied, moment2, state.moment2))
+        if self.lamb:
+            # per tensor ||w|| / ||r|| over the whole tensor: my shard's partial sums, summed over the owners (on a
+            # skipped update they may be non-finite: the caller discards the step on every rank alike)
+            sums = self.trust.partial_sums(state.master, update)
+            if self.world_size > 1:
+                sums = self.all_reduce(sums)
+            update = self.trust.entry_trust(sums) * update
         return state.master - lr * update
 
     def construct(self, grads, lr=None):

@@ -74,6 +74,6 @@ def test_owner_adam_matches_numpy_twin(graph_mode):
 
 def test_owner_optimizer_name_is_checked():
     params = [Parameter(Tensor(np.zeros((70,), np.float32)), name="w")]
-    with pytest.raises(ConfigError, match="sgd or adam"):
+    with pytest.raises(ConfigError, match="sgd, adam or lamb, got 'adagrad'"):
         ShardedLowBitUpdate(params, CommConfig(scheme="sharded", bucket_size=64), 1, 0, learning_rate=0.1,
-                            optimizer="lamb")
+                            optimizer="adagrad")
