@@ -71,10 +71,6 @@ def _dynamic_spec(dtype: np.dtype, row_shape) -> Tensor:
 
 def _check_sharded(config: ExperimentConfig, optimizer, reducer) -> None:
     """What `comm.scheme: sharded` cannot do yet, refused with the key to change."""
-    if config.train.optimizer != "adamw":
-        raise ConfigError(f"train.optimizer: comm.scheme sharded updates each shard with the owner's Adam(W); "
-                          f"{config.train.optimizer!r} on the shard (LAMB's per-tensor trust ratio spans shards) "
-                          "is not implemented: use adamw or comm.scheme allgather")
     if optimizer is not None or reducer is not None:
         raise ConfigError("comm.scheme: sharded replaces the optimizer and the gradient reducer, but this command "
                           "injects its own " + ("optimizer" if optimizer is not None else "reducer")
@@ -82,12 +78,13 @@ def _check_sharded(config: ExperimentConfig, optimizer, reducer) -> None:
 
 
 def _sharded_update(config: ExperimentConfig, weights: List, rank: int, world_size: int):
-    """The scheme 2 update cell: the owner's AdamW with the config's eps and weight decay (the betas are
-    `build_optimizer`'s, the config has none) and the same no-decay rule (biases, LayerNorms)."""
+    """The scheme 2 update cell: the owner's AdamW or LAMB (`train.optimizer`) with the config's eps and weight
+    decay (the betas are `build_optimizer`'s, the config has none) and the same no-decay rule (biases, LayerNorms)."""
     from ms_nlp_compress.parallel.sharded import ShardedLowBitUpdate
     from ms_nlp_compress.train.optim import decay_mask
 
-    return ShardedLowBitUpdate(weights, config.comm, world_size, rank, optimizer="adam", beta1=0.9, beta2=0.999,
+    owner = "lamb" if config.train.optimizer == "lamb" else "adam"
+    return ShardedLowBitUpdate(weights, config.comm, world_size, rank, optimizer=owner, beta1=0.9, beta2=0.999,
                                eps=config.train.adam_epsilon, weight_decay=config.train.weight_decay,
                                decay_flags=decay_mask(weights), max_grad_norm=config.train.max_grad_norm)
 
@@ -117,7 +114,7 @@ class Trainer:
             checkpointed too.
             With `comm.scheme: sharded` and world_size > 1 there is neither: the Trainer builds an update cell
             (parallel/sharded.py ShardedLowBitUpdate) that exchanges, and updates the Parameters on their owner
-            rank with the config's optimizer (adamw only) and schedule; `trainer.optimizer` then raises.
+            rank with the config's optimizer (adamw or lamb) and schedule; `trainer.optimizer` then raises.
         checkpoint_cells: the cells whose Parameters make up the model part of a checkpoint (default: [model]);
             a distillation run passes the student and its projections, never the frozen teacher.
         after_update: called after every applied optimizer update (not after a skipped one), e.g. to refresh LAT's

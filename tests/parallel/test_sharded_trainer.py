@@ -273,10 +273,6 @@ def test_refused_combinations_name_the_key(tmp_path):
                        log=lambda message: None, **kwargs)
 
     sharded = dict(scheme="sharded", gradient_bits=4, bucket_size=BUCKET)
-    config = tiny_experiment(**sharded)
-    config.train.optimizer = "lamb"
-    with pytest.raises(ConfigError, match=r"^train\.optimizer: .*sharded"):
-        trainer(config)
     with pytest.raises(ConfigError, match=r"^comm\.bucket_size"):
         trainer(tiny_experiment(**dict(sharded, bucket_size=0)))
     with pytest.raises(ConfigError, match=r"^comm\.weight_bits: .*scheme sharded"):
