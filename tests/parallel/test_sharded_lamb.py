@@ -11,6 +11,8 @@ norm is 0, biases and LayerNorms not decayed but still trust-scaled):
   all-reduce replaced by the sum of the two ranks' (2 * n_tensors,) vectors: a tensor split across the shards gets
   its whole-tensor ratio on both, nonzero values planted in the padding never count.
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -168,3 +170,92 @@ def test_two_shards_trust_ratio_is_per_whole_tensor(graph_mode):
     np.testing.assert_allclose(split, np.full(72, split[0]), rtol=0)
     alone = EntryTrust(cells[0])(Tensor(partial[0])).asnumpy()[48:64]
     assert abs(alone[0] - split[0]) > 1e-3 * split[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2 msrun ranks: `msnc finetune` with train.optimizer lamb and comm.scheme sharded (the real all-reduce of the sums)
+# ----------------------------------------------------------------------------------------------------------------
+LAMB_UPDATES = 3
+
+
+@pytest.fixture(scope="module")
+def lamb_run(tmp_path_factory):
+    """One launch of `msnc finetune` (tests/parallel/test_sharded_trainer.py's tiny task and recording worker):
+    LAMB on the shard, 4-bit gradients, fp32 weights, 3 updates, no schedule warm-up (every update moves)."""
+    import test_sharded_trainer as engine
+
+    root = tmp_path_factory.mktemp("sharded_lamb")
+    config = engine.write_task(root)
+    engine.msrun(root, "lamb", [["finetune", "--config", str(config), "--set", "train.optimizer=lamb",
+                                 "--set", f"train.max_steps={LAMB_UPDATES}", "--set", "train.warmup_ratio=0.0",
+                                 "--set", "comm.error_feedback=false", "--set", "comm.warmup_steps=0",
+                                 "--set", f"output_dir={root / 'lamb'}"]], port=8271)
+    return root
+
+
+def test_msnc_finetune_sharded_lamb_matches_twin(lamb_run):
+    import test_sharded_trainer as engine
+    from ms_nlp_compress.models.checkpoint import read_safetensors
+    from ms_nlp_compress.models.nezha import NezhaForSequenceClassification
+    from ms_nlp_compress.train.losses import SequenceClassificationLoss
+
+    root = lamb_run
+    model = NezhaForSequenceClassification(engine.MODEL, 2)
+    params = model.trainable_params()
+    names = [p.name for p in params]
+    grad_fn = ms.value_and_grad(SequenceClassificationLoss(model), None, params)
+    initial = read_safetensors(root / "initial" / "model.safetensors")
+    sizes = [int(np.prod(p.shape)) for p in params]
+    total = sum(sizes)
+    groups = -(-total // (2 * BUCKET)) * 2  # whole buckets per rank
+    padded, shard = groups * BUCKET, groups * BUCKET // 2
+    ends = np.cumsum(sizes)
+    assert np.any((ends - np.array(sizes) < shard) & (ends > shard)), "no tensor spans the two shards"
+    assert any(np.all(initial[name] == 0) for name in names), "no tensor starts at ||w|| = 0"
+    flags = [decayed(name) for name in names]
+    assert any(flags) and not all(flags)
+    records = [np.load(root / "record_lamb" / "0" / f"batches_{rank}.npz") for rank in (0, 1)]
+    assert all(int(record["count"]) == LAMB_UPDATES for record in records)
+    master = engine.fused([initial[name] for name in names], padded)
+    moment1, moment2 = np.zeros(padded, np.float32), np.zeros(padded, np.float32)
+    for update in range(1, LAMB_UPDATES + 1):
+        if update > 1:
+            # from the engine's state after the previous update (which the twin matched there): float32 ulps of
+            # the twin's gradients could otherwise move a stochastic rounding decision (test_sharded_trainer.py)
+            previous = [engine.rank_state(root, "lamb", update - 1, rank) for rank in (0, 1)]
+            master, moment1, moment2 = (np.concatenate([state[key] for state in previous])
+                                        for key in ("master", "moment1", "moment2"))
+        weights = {name: value.reshape(initial[name].shape)
+                   for name, value in zip(names, np.split(master[:total], ends[:-1]))}
+        flats = []
+        for record in records:
+            batch = [record[f"b{update - 1}_c{column}"] for column in range(4)]
+            flats.append(engine.fused(engine.reference_gradients(model, grad_fn, weights, batch), padded))
+        mean = engine.low_bit_mean(flats, engine.SEED, update, groups, 4)
+        gradient, _ = engine.clip(mean, engine.MAX_NORM)
+        lr = engine.warmup_linear(update - 1, engine.PEAK, LAMB_UPDATES, 0)
+
+        def tensors(vector):
+            return np.split(vector[:total].astype(np.float64), ends[:-1])
+
+        new, new_m, new_v, ratios = numpy_lamb(tensors(master), tensors(moment1), tensors(moment2),
+                                               tensors(gradient), update, lr, engine.BETA1, engine.BETA2,
+                                               engine.EPS, 0.01, flags)
+        assert min(ratios) < 0.5 and max(ratios) > 2.0, ratios  # LAMB is not AdamW on this model
+        expected = [np.concatenate(values + [np.zeros(padded - total)]) for values in (new, new_m, new_v)]
+        for rank in (0, 1):  # each owner: its shard of the twin's master and moments
+            state = engine.rank_state(root, "lamb", update, rank)
+            own = slice(rank * shard, (rank + 1) * shard)
+            np.testing.assert_allclose(state["master"], expected[0][own], rtol=2e-5, atol=2e-6,
+                                       err_msg=f"update {update} rank {rank}")
+            np.testing.assert_allclose(state["moment1"], expected[1][own], rtol=2e-5, atol=1e-7)
+            np.testing.assert_allclose(state["moment2"], expected[2][own], rtol=2e-5, atol=1e-10)
+            assert state["updates"].item() == update
+    finals = [dict(np.load(root / "record_lamb" / "0" / f"final_{rank}.npz")) for rank in (0, 1)]
+    for name in finals[0]:
+        np.testing.assert_array_equal(finals[0][name], finals[1][name], err_msg=f"ranks differ on {name}")
+    stats = json.loads((root / "record_lamb" / "0" / "trainer_0.json").read_text())["comm"]
+    assert stats["comm_trust_bytes_per_step"] == 4 * 2 * len(names)  # the (2 * n_tensors,) float32 all-reduce
+    assert stats["comm_bytes_per_lowbit_step"] == (stats["comm_gradient_bytes_per_step"]
+                                                   + stats["comm_weight_bytes_per_step"] + 8 + 4 * 2 * len(names))
+    assert stats["comm_bytes_sent"] == LAMB_UPDATES * stats["comm_bytes_per_lowbit_step"]
