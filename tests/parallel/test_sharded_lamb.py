@@ -1,15 +1,17 @@
 """The sharded scheme's owner-side LAMB (parallel/sharded.py): per tensor, the trust ratio ||w|| / ||r|| over the
 WHOLE tensor although tensors span shards.
 
-One process, against a float64 numpy LAMB twin written from the definition (You et al. 2020; train/optim.py's
+Against a float64 numpy LAMB twin written from the definition (You et al. 2020; train/optim.py's
 docstring: the bias-corrected AdamW direction r with decoupled decay, times ||w|| / ||r|| per tensor, 1 when either
-norm is 0, biases and LayerNorms not decayed but still trust-scaled):
+norm is 0, biases and LayerNorms not decayed but still trust-scaled). One process:
 - world size 1 end to end: three updates of `ShardedLowBitUpdate(optimizer="lamb")` driven by the exactly
   reproduced low-bit mean gradient, with a zero-initialised bias (||w|| = 0 at the first update), a tensor whose
   gradient is exactly 0 and is not decayed (||r|| = 0), LayerNorm / bias decay exclusion; the trust leg's bytes;
 - two shards of a world-size-2 layout computed in one process by the per-shard maths (`ShardTrustRatio`), with the
   all-reduce replaced by the sum of the two ranks' (2 * n_tensors,) vectors: a tensor split across the shards gets
   its whole-tensor ratio on both, nonzero values planted in the padding never count.
+2 msrun ranks (the real all-reduce): `msnc finetune` with train.optimizer lamb and comm.scheme sharded, 3 updates,
+each rank's master and moment shards against the same twin on the reproduced low-bit mean of both ranks' gradients.
 """
 import json
 
