@@ -7,8 +7,9 @@
 
 `quantize-latency` times, interleaved in one process (so the ratios compare like with like on a shared machine),
 the fp32 reference classifier, the packed model (codes unpacked in the graph on every call), the same model decoded
-once at load (`convert.decode`: fp32 weights, the CPU serving path) and, with --mindir, the exported file run through
-`nn.GraphCell`. Timing is `bench.latency`'s median of interleaved rounds after a warm-up (compile) call.
+once at load (`convert.decode`: fp32 weights, activation quantizers kept: the same outputs), the weight-only serving
+form (`decode(activations=False)`: the fp32 graph over the decoded weights, other outputs) and, with --mindir, the
+exported file run through `nn.GraphCell`. Timing is `bench.latency`'s median of interleaved rounds after a warm-up (compile) call.
 MindSpore is imported inside the commands, so `msnc --help` stays fast.
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ def run_quantize_command(args: argparse.Namespace) -> int:
 
 def latency_cases(model_dir: Path, reference_dir: Path, mindir: Optional[Path], batch_sizes: Sequence[int],
                   seq: int, seed: int = 0) -> Dict[str, object]:
-    """{case name: () -> None} for fp32 / packed / decoded (/ MindIR) at each batch size, on the same token ids."""
+    """{case name: () -> None} for fp32 / packed / decoded / weightonly (/ MindIR) at each batch size, on the same
+    token ids. weightonly: decoded without the activation quantizers (`convert.decode(activations=False)`)."""
     import mindspore as ms
     from mindspore import Tensor, nn
 
@@ -53,8 +55,9 @@ def latency_cases(model_dir: Path, reference_dir: Path, mindir: Optional[Path], 
         raise ConfigError(f"--model: {model_dir} holds a {document.get('architecture')}, not a quantized model "
                           "(msnc quantize writes one to <output_dir>/best)")
     decoded = convert_module.decode(load_model_dir(model_dir)[0])
+    weight_only = convert_module.decode(load_model_dir(model_dir)[0], activations=False)
     reference, _ = load_model_dir(reference_dir)
-    models = {"fp32": reference, "packed": packed, "decoded": decoded}
+    models = {"fp32": reference, "packed": packed, "decoded": decoded, "weightonly": weight_only}
     if mindir is not None:
         if not mindir.is_file():
             raise ConfigError(f"--mindir: {mindir} is not a file")

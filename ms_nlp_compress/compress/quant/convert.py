@@ -579,9 +579,22 @@ def convert(prepared: nn.Cell, config: Optional[QuantConfig] = None) -> nn.Cell:
     return deployed
 
 
+def _check_not_compiled(model: nn.Cell, what: str) -> None:
+    """In-place rewrites must come before the first graph-mode call: MindSpore keeps running the graph it compiled
+    for a Cell (keyed by the Cell object, not by its children), so swapping cells afterwards changes nothing
+    silently (measured: a decoded model kept computing its activation quantizers)."""
+    for name, cell in model.cells_and_names():
+        if cell.compile_cache:
+            raise ConfigError(f"{what}: {type(model).__name__}{' cell ' + name if name else ''} already ran in graph "
+                              "mode, and MindSpore would keep running the graph it compiled then; call it on a "
+                              "freshly loaded model (load_model_dir) before running it")
+
+
 def share_graph_functions(model: nn.Cell) -> nn.Cell:
     """Switch a converted model's Packed cells and activation points to shared `no_inline` graph functions (in
-    place): same values, a much smaller exported graph (see `_GRAPH_FUNCTIONS` above for the GraphCell caveat)."""
+    place): same values, a much smaller exported graph (see `_GRAPH_FUNCTIONS` above for the GraphCell caveat).
+    Before the model's first graph-mode call (`_check_not_compiled`)."""
+    _check_not_compiled(model, "share_graph_functions")
     shared = 0
     for _, cell in model.cells_and_names():
         if isinstance(cell, (PackedDense, PackedEmbedding, ActivationQuant)):
@@ -592,10 +605,21 @@ def share_graph_functions(model: nn.Cell) -> nn.Cell:
     return model
 
 
-def decode(model: nn.Cell) -> nn.Cell:
-    """Decode-once serving: replace every Packed cell by a float cell holding its decoded weight (in place)."""
+def decode(model: nn.Cell, activations: bool = True) -> nn.Cell:
+    """Decode-once serving: replace every Packed cell by a float cell holding its decoded weight (in place).
+
+    activations=True keeps every activation fake-quant point: the same outputs as the packed model (and the
+    MindIR), but each matmul input still pays the dynamic 8-bit quantizer's elementwise passes (1.3-2.2x fp32 on CPU,
+    README). activations=False removes them too: weight-only quantized serving, the fp32 graph at fp32 speed over the
+    decoded weights, whose outputs are NOT those of the quantized model (its accuracy is measured separately:
+    `scripts/quant_eval_teacher.py --weight-only`). Before the model's first graph-mode call (`_check_not_compiled`)."""
+    _check_not_compiled(model, "decode")
     for name, cell in _quant_cells_by_name(model, (PackedDense, PackedEmbedding)).items():
         replacement = DecodedDense(cell) if isinstance(cell, PackedDense) else DecodedEmbedding(cell)
         parent, attribute = _parent(model, name)
         parent.insert_child_to_cell(attribute, replacement)
+    if not activations:
+        for name in list(_quant_cells_by_name(model, ActivationQuant)):
+            parent, attribute = _parent(model, name)
+            parent.insert_child_to_cell(attribute, nn.Identity())
     return model

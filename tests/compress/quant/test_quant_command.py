@@ -205,6 +205,26 @@ def test_ptq_baseline_8_and_2_bit(tiny):
     assert shared["size"]["model_dir_weights"]["groups"] == inlined_dir["groups"]
 
 
+def test_quantize_latency_times_every_serving_form_against_fp32(tiny, tmp_path, capsys):
+    """msnc quantize-latency: fp32 / packed / decoded / weight-only / MindIR at each batch size, ratios to fp32."""
+    config = load_config(quant_tiny.quant_config(tiny, "ptq2_latency", "{preset: 2-2-8, full_precision: [classifier]}"))
+    run_ptq(config, **QUIET)
+    out, saved = tiny / "ptq2_latency", tmp_path / "latency.json"
+    assert msnc(["quantize-latency", "--model", str(out / "best"), "--reference", str(tiny / "teacher" / "best"),
+                 "--mindir", str(out / "model.mindir"), "--batch-sizes", "1,3", "--seq", "8", "--repeat", "2",
+                 "--save", str(saved)]) == 0
+    result = json.loads(saved.read_text())
+    kinds = ("fp32", "packed", "decoded", "weightonly", "mindir")
+    assert set(result["cases"]) == {f"{kind}_b{batch}" for kind in kinds for batch in (1, 3)}
+    for name, ratio in result["ratio_to_fp32"].items():
+        fp32 = result["cases"][f"fp32_{name.rsplit('_', 1)[1]}"]["median_ms"]
+        assert ratio == pytest.approx(result["cases"][name]["median_ms"] / fp32, rel=2e-3)
+    assert "weightonly_b3" in capsys.readouterr().out
+    teacher = str(tiny / "teacher" / "best")  # an fp32 directory is not a quantized model: exit 2, named
+    assert msnc(["quantize-latency", "--model", teacher, "--reference", teacher]) == 2
+    assert "not a quantized model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override, message", [
     ("quant.encoder.method=ternary", r"quant\.encoder\.method: must be one of"),
     ("quant.encoder.bits=3", r"quant\.encoder\.bits: method 'twn' needs 2"),

@@ -12,12 +12,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_quant_prepare import batch, classifier, tiny  # noqa: E402
 
 from ms_nlp_compress.compress.quant.config import QuantConfig  # noqa: E402
-from ms_nlp_compress.compress.quant.convert import (PackedDense, PackedEmbedding,  # noqa: E402
+from ms_nlp_compress.compress.quant.convert import (ActivationQuant, PackedDense,  # noqa: E402
+                                                    PackedEmbedding,
                                                     QuantizedNezhaForMaskedLM,
                                                     QuantizedNezhaForSequenceClassification, convert, decode)
 from ms_nlp_compress.compress.quant.packing import unpack_ternary  # noqa: E402
 from ms_nlp_compress.compress.quant.prepare import prepare  # noqa: E402
-from ms_nlp_compress.errors import CheckpointError  # noqa: E402
+from ms_nlp_compress.errors import CheckpointError, ConfigError  # noqa: E402
 from ms_nlp_compress.models.checkpoint import (load_model_dir, read_safetensors, save_model_dir,  # noqa: E402
                                                write_safetensors)
 from ms_nlp_compress.models.nezha import NezhaForMaskedLM  # noqa: E402
@@ -53,8 +54,30 @@ def test_convert_save_reload_forward_equals_fake_quant(recipe, tmp_path, graph_m
     assert document["quant"] == QuantConfig.from_dict(RECIPES[recipe]).to_dict()
     reloaded.set_train(False)
     np.testing.assert_allclose(run(reloaded, arrays), expected, atol=1e-5)
-    np.testing.assert_allclose(run(decode(reloaded), arrays), expected, atol=1e-5)
-    assert not any(isinstance(c, (PackedDense, PackedEmbedding)) for _, c in reloaded.cells_and_names())
+    with pytest.raises(ConfigError, match="already ran in graph mode"):  # the compiled graph would stay
+        decode(reloaded)
+    served = decode(load_model_dir(tmp_path / "q")[0])
+    assert not any(isinstance(c, (PackedDense, PackedEmbedding)) for _, c in served.cells_and_names())
+    served.set_train(False)
+    np.testing.assert_allclose(run(served, arrays), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["2-2-8", "mixed"])
+def test_weight_only_decode_equals_fake_quant_weights_without_activation_quant(recipe, tmp_path, graph_mode):
+    """decode(activations=False): the training cells' quantized weights, no activation quantizer anywhere."""
+    weights_only = dict(RECIPES[recipe], activation={"method": "none"})
+    reference = prepare(classifier(tiny(), seed=5), QuantConfig.from_dict(weights_only))  # same latent weights
+    reference.set_train(False)
+    arrays = batch(seed=6)
+    expected = run(reference, arrays)
+    deployed = convert(prepare(classifier(tiny(), seed=5), QuantConfig.from_dict(RECIPES[recipe])))
+    save_model_dir(deployed, tmp_path / "q", deployed.bert.config)
+    with_activations = run(deployed, arrays)
+    served = decode(load_model_dir(tmp_path / "q")[0], activations=False)
+    assert not any(isinstance(c, (ActivationQuant, PackedDense, PackedEmbedding)) for _, c in served.cells_and_names())
+    served.set_train(False)
+    np.testing.assert_allclose(run(served, arrays), expected, atol=1e-5)
+    assert np.abs(with_activations - expected).max() > 1e-4  # the activation quantizers did change the outputs
 
 
 def test_stored_codes_are_real_integers_with_the_documented_layout(tmp_path):
