@@ -51,7 +51,8 @@ def row(label: str, run: Path) -> dict:
     size = result["export"]["size"]
     qat = result.get("stages", {}).get("qat", {})
     return {"label": label, "dev": result["dev"]["acc"], "test": result["test"]["acc"],
-            "dir_bytes": size["model_dir_weights"]["file_bytes"], "dir_ratio": size["model_dir_weights"]["ratio_to_fp32"],
+            "dir_bytes": size["model_dir_weights"]["file_bytes"],
+            "dir_ratio": size["model_dir_weights"]["ratio_to_fp32"],
             "mindir_bytes": size["mindir"]["file_bytes"], "mindir_ratio": size["mindir"]["ratio_to_fp32"],
             "fp32_dir_bytes": size["model_dir_weights"]["fp32_file_bytes"],
             "fp32_mindir_bytes": size["mindir"]["fp32_file_bytes"], "updates": qat.get("updates"),

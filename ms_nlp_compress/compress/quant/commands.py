@@ -9,7 +9,8 @@
 the fp32 reference classifier, the packed model (codes unpacked in the graph on every call), the same model decoded
 once at load (`convert.decode`: fp32 weights, activation quantizers kept: the same outputs), the weight-only serving
 form (`decode(activations=False)`: the fp32 graph over the decoded weights, other outputs) and, with --mindir, the
-exported file run through `nn.GraphCell`. Timing is `bench.latency`'s median of interleaved rounds after a warm-up (compile) call.
+exported file run through `nn.GraphCell`. Timing is `bench.latency`'s median of interleaved rounds after a warm-up
+(compile) call.
 MindSpore is imported inside the commands, so `msnc --help` stays fast.
 """
 from __future__ import annotations

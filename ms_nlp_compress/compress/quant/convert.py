@@ -609,10 +609,11 @@ def decode(model: nn.Cell, activations: bool = True) -> nn.Cell:
     """Decode-once serving: replace every Packed cell by a float cell holding its decoded weight (in place).
 
     activations=True keeps every activation fake-quant point: the same outputs as the packed model (and the
-    MindIR), but each matmul input still pays the dynamic 8-bit quantizer's elementwise passes (1.3-2.2x fp32 on CPU,
-    README). activations=False removes them too: weight-only quantized serving, the fp32 graph at fp32 speed over the
-    decoded weights, whose outputs are NOT those of the quantized model (its accuracy is measured separately:
-    `scripts/quant_eval_teacher.py --weight-only`). Before the model's first graph-mode call (`_check_not_compiled`)."""
+    MindIR), but each matmul input still pays the dynamic 8-bit quantizer's elementwise passes (measured 1.6-2.5x
+    fp32 on CPU, README "Latency"). activations=False removes them too: weight-only quantized serving, the fp32 graph
+    at fp32 speed over the decoded weights, whose outputs are NOT those of the quantized model (its accuracy is
+    measured separately: `scripts/quant_eval_teacher.py --weight-only`). Call it before the model's first graph-mode
+    call (`_check_not_compiled`)."""
     _check_not_compiled(model, "decode")
     for name, cell in _quant_cells_by_name(model, (PackedDense, PackedEmbedding)).items():
         replacement = DecodedDense(cell) if isinstance(cell, PackedDense) else DecodedEmbedding(cell)
