@@ -83,7 +83,7 @@ def launch(tmp_path_factory):
         msrun(root, [["quantize", "--config", str(lat)],
                      ["distill", "task", "--config", str(distill_config(root))],
                      ["quantize", "--config", str(twn), "--set", f"train.max_steps={QAT_UPDATES}",
-                      "--set", "train.log_every=1"]], port=8271)
+                      "--set", "train.log_every=1"]], port=8291)
         yield root
 
 

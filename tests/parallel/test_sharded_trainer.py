@@ -359,7 +359,7 @@ def reference(tmp_path_factory):
     msrun(root, "reference", [["finetune", "--config", str(config)],
                               ["finetune", "--config", str(config), "--set", "comm.weight_bits=2",
                                "--set", "train.max_steps=3", "--set", f"output_dir={root / 'ternary'}"]],
-          port=8261)
+          port=8281)
     return root
 
 
@@ -545,7 +545,7 @@ def test_kill_minus_nine_mid_run_resumes_to_the_uninterrupted_weights(reference)
     root = reference
     command = ["finetune", "--config", str(root / "tiny.yaml"), "--set", f"output_dir={root / 'victim'}"]
     # the worker pauses 1 s before each micro-batch (test instrumentation), so the kill lands mid-run
-    victim = msrun(root, "victim", [command], port=8262, env_extra={"SHARDED_WORKER_PAUSE": "1.0"},
+    victim = msrun(root, "victim", [command], port=8282, env_extra={"SHARDED_WORKER_PAUSE": "1.0"},
                    background=True)
     pointer = root / "victim" / "checkpoints" / "LATEST"
 
@@ -569,7 +569,7 @@ def test_kill_minus_nine_mid_run_resumes_to_the_uninterrupted_weights(reference)
     for rank in (0, 1):
         assert np.abs(rank_state(root, "victim", killed_update, rank)["residual"]).max() > 0
     assert not (root / "victim" / "results.json").exists()
-    msrun(root, "resumed", [command], port=8263)
+    msrun(root, "resumed", [command], port=8283)
     results = json.loads((root / "victim" / "results.json").read_text())
     assert results["resumed_from"].endswith(killed_at) and results["updates"] == UPDATES
     for rank in (0, 1):

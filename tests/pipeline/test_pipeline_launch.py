@@ -31,7 +31,8 @@ from ms_nlp_compress.pipeline.runner import (load_pipeline, resolve_stage_config
 from ms_nlp_compress.pipeline.stages import StageKind, best_dir, register_stage  # noqa: E402
 
 QUIET = dict(log=lambda message: None)
-# msrun master ports of this file (tests/parallel uses 8231-8252, test_engine_contract 9123 / 9200)
+# msrun master ports of this file (tests/parallel uses 8231-8252, 8271, 8281-8283, 8291; test_engine_contract
+# 9123 / 9200; test_distill_commands a free ephemeral port): every msrun test needs its own, xdist runs two at once
 PORT_MAIN, PORT_VICTIM, PORT_TIMEOUT, PORT_DYNABERT = 8261, 8262, 8263, 8264
 # Student dropout off: each rank draws its own masks by design, so only then are 2 ranks x 4 rows the maths of
 # 1 process x 8 rows. 12 updates a epoch (96 training rows / global batch 8): 1 epoch of stage 1 (checkpoints
