@@ -9,7 +9,7 @@ model); this script collects them into OUT/summary.json, OUT/summary.md and OUT/
 
     python scripts/lowbit_convergence.py OUT [--train-limit 1920] [--eval-limit 500] [--batch-size 16]
         [--max-length 48] [--train-top-layers 2] [--learning-rate 2e-4]
-        [--variants fp32,b2,b2_ef,b2_noclip,b8,b4,b3] [--root CHECKOUT] [--plot-only]
+        [--variants fp32,b2,b2_ef,b2_noclip,b8,b4,b3,b3_noclip,s3,s3_w8,s2_w2] [--root CHECKOUT] [--plot-only]
 
 A variant whose results.json exists is not run again (rerun after an interruption to finish the rest). `--root`
 launches another checkout (e.g. a `git archive` snapshot, so edits made while the study runs cannot reach it).
@@ -38,6 +38,15 @@ VARIANTS = {
     "b2_noclip": ("2-bit, no clip", {"comm.scheme": "allgather", "comm.gradient_bits": 2,
                                      "comm.clip_factor": "null"}),
     "b2_clip2": ("2-bit, clip 2", {"comm.scheme": "allgather", "comm.gradient_bits": 2, "comm.clip_factor": 2.0}),
+    "b3_noclip": ("3-bit, no clip", {"comm.scheme": "allgather", "comm.gradient_bits": 3,
+                                     "comm.clip_factor": "null"}),
+    # scheme 2: the owner updates its fp32 master shard; scales per bucket of 1024 (the scheme needs buckets)
+    "s3": ("sharded, 3-bit, clip 3, fp32 weights", {"comm.scheme": "sharded", "comm.gradient_bits": 3,
+                                                    "comm.bucket_size": 1024}),
+    "s3_w8": ("sharded, 3-bit, clip 3, 8-bit weights", {"comm.scheme": "sharded", "comm.gradient_bits": 3,
+                                                        "comm.bucket_size": 1024, "comm.weight_bits": 8}),
+    "s2_w2": ("sharded, 2-bit, clip 3, TWN weights", {"comm.scheme": "sharded", "comm.gradient_bits": 2,
+                                                      "comm.bucket_size": 1024, "comm.weight_bits": 2}),
 }
 
 
