@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,10 @@ if __name__ == "__main__":
         sys.stderr.write(captured.getvalue())
         (record_dir / f"status_{rank_id()}.json").write_text(json.dumps({"status": status,
                                                                           "stderr": captured.getvalue()}))
+        # wait for every rank to finish command i before command i + 1 starts: rank 0 alone exports and reloads
+        # the MindIR after `msnc quantize`, and a rank already in the next command's first collective would time
+        # out waiting for it (about 30 s on the CPU backend; one launch per command has no such gap)
+        world = int(os.environ.get("MS_WORKER_NUM", "1"))
+        deadline = time.time() + 600
+        while len(list(record_dir.glob("status_*.json"))) < world and time.time() < deadline:
+            time.sleep(0.5)

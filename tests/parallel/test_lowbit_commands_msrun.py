@@ -10,6 +10,8 @@ through tests/parallel/lowbit_commands_worker.py which only records).
 - `msnc quantize` (2-2-8 TWN) with the all-gather scheme, 4-bit gradients: best/, model.mindir and a passed
   reload check in export.json; ranks bit-identical and equal to rank 0's checkpoint; the teacher untouched; the
   byte counters equal the all-gather reducer's packed sizes.
+- `msnc quantize` (2-2-8 TWN) with the sharded scheme (4-bit gradients, buckets of 64, fp32 masters gathered): the
+  same checks, the bytes from the sharded formula; the owners' AdamW replaces the command's optimizer.
 
 The tiny teacher is distill_tiny's (2 layers of 16, 17-word vocabulary), fine-tuned in this process first.
 """
@@ -74,15 +76,18 @@ def msrun(root: Path, commands, port: int):
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    """The fine-tuned tiny teacher, then ONE launch of three commands: quantize with LAT + sharded (refused),
-    distill task with the sharded scheme, quantize (TWN) with the all-gather scheme."""
+    """The fine-tuned tiny teacher, then ONE launch of four commands: quantize with LAT + sharded (refused),
+    distill task with the sharded scheme, quantize (TWN) with the all-gather scheme, then with the sharded one."""
     with distill_tiny.teacher_in_graph_mode(tmp_path_factory.mktemp("lowbit_commands")) as root:
         lat = quant_tiny.quant_config(root, "quant_lat", quant="{preset: 2-2-8, encoder: {method: lat}}",
                                       extra=SHARDED)
         twn = quant_tiny.quant_config(root, "quant_allgather", extra=ALLGATHER)
+        twn_sharded = quant_tiny.quant_config(root, "quant_sharded", extra=SHARDED)
         msrun(root, [["quantize", "--config", str(lat)],
                      ["distill", "task", "--config", str(distill_config(root))],
                      ["quantize", "--config", str(twn), "--set", f"train.max_steps={QAT_UPDATES}",
+                      "--set", "train.log_every=1"],
+                     ["quantize", "--config", str(twn_sharded), "--set", f"train.max_steps={QAT_UPDATES}",
                       "--set", "train.log_every=1"]], port=8291)
         yield root
 
@@ -118,6 +123,15 @@ def assert_teacher_untouched(root: Path, command: int, fit: int):
         assert_identical(weights(teacher, "teacher.cell."), saved, f"teacher rank {rank}")
 
 
+def sharded_bytes(total: int) -> int:
+    """One update of the sharded scheme at 2 ranks, 4-bit gradients, buckets of 64, fp32 weights."""
+    groups = -(-total // (2 * BUCKET)) * 2  # whole buckets per owner rank
+    padded = groups * BUCKET
+    gradient = 4 * -(-padded // (32 // BITS)) + 4 * groups  # int32 words of 4-bit codes + one scale a bucket
+    weight = 4 * padded // 2  # each owner's fp32 master shard (weight_bits null)
+    return gradient + weight + 8  # + the 2-float overflow-verdict all-reduce
+
+
 def test_lat_with_sharded_scheme_is_refused_naming_comm_scheme(launch):
     """Refused on both ranks alike (neither hangs), as a ConfigError (exit status 2) naming comm.scheme, before
     any Trainer.fit."""
@@ -149,12 +163,7 @@ def test_distill_task_sharded_ranks_agree_teacher_frozen_bytes_match(launch):
         assert_teacher_untouched(root, 1, fit)
 
         # bytes: the scheme's formula for the trained parameter count (every checkpointed weight is trained)
-        total = sum(value.size for value in checkpoint.values())
-        groups = -(-total // (2 * BUCKET)) * 2  # whole buckets per owner rank
-        padded = groups * BUCKET
-        gradient = 4 * -(-padded // (32 // BITS)) + 4 * groups  # int32 words of 4-bit codes + one scale a bucket
-        weight = 4 * padded // 2  # each owner's fp32 master shard (weight_bits null)
-        per_update = gradient + weight + 8  # + the 2-float overflow-verdict all-reduce
+        per_update = sharded_bytes(sum(value.size for value in checkpoint.values()))
         logged = train_records(out / stage / "metrics.jsonl")
         assert [entry["update"] for entry in logged] == list(range(1, STAGE_UPDATES + 1))
         for entry in logged:
@@ -163,27 +172,31 @@ def test_distill_task_sharded_ranks_agree_teacher_frozen_bytes_match(launch):
     assert (out / "best").is_dir() and (out / "results.json").is_file()
 
 
-def test_quantize_allgather_exports_and_ranks_agree(launch):
-    root, out = launch, launch / "quant_allgather"
-    assert [answer["status"] for answer in status(root, 2)] == [0, 0]
+@pytest.mark.parametrize("scheme", ["allgather", "sharded"])
+def test_quantize_exports_and_ranks_agree(launch, scheme):
+    command = {"allgather": 2, "sharded": 3}[scheme]
+    root, out = launch, launch / f"quant_{scheme}"
+    assert [answer["status"] for answer in status(root, command)] == [0, 0]
     assert (out / "best" / "model.safetensors").is_file()
     export = json.loads((out / "export.json").read_text())
     mindir = Path(export["size"]["mindir"]["file"])
     assert mindir.name == "model.mindir" and mindir.is_file() and mindir.parent == out
     assert export["verify"]["max_abs_difference"] <= export["verify"]["atol"], export["verify"]
-    initial = [weights(tensors, "student.") for tensors in recorded(root, 2, "fit0_initial")]
-    finals = [weights(tensors, "student.") for tensors in recorded(root, 2, "fit0_final")]
+    initial = [weights(tensors, "student.") for tensors in recorded(root, command, "fit0_initial")]
+    finals = [weights(tensors, "student.") for tensors in recorded(root, command, "fit0_final")]
     assert_identical(finals[0], finals[1], "quantize ranks")  # the latent (fake-quant) weights
     checkpoint = weights(read_safetensors(out / "qat" / "checkpoints" / f"step-{QAT_UPDATES:07d}" /
                                           "model.safetensors"))
     assert_identical(finals[1], checkpoint, "rank 1 vs rank 0's checkpoint")
     moved = max(float(np.abs(finals[0][name] - initial[0][name]).max()) for name in initial[0])
     assert moved > 1e-4, moved
-    assert_teacher_untouched(root, 2, 0)
-    # bytes: one scale per gradient tensor (bucket_size 0), 4-bit codes 8 per int32 word, no padding
+    assert_teacher_untouched(root, command, 0)
     trained = list(checkpoint.values())
     total = sum(value.size for value in trained)
-    per_update = 4 * -(-total // (32 // BITS)) + 4 * len(trained)
+    if scheme == "allgather":  # one scale per gradient tensor (bucket_size 0), 4-bit codes 8 per word, no padding
+        per_update = 4 * -(-total // (32 // BITS)) + 4 * len(trained)
+    else:
+        per_update = sharded_bytes(total)
     logged = train_records(out / "qat" / "metrics.jsonl")
     assert [entry["update"] for entry in logged] == list(range(1, QAT_UPDATES + 1))
     for entry in logged:

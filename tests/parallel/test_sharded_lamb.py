@@ -119,6 +119,63 @@ def test_owner_lamb_matches_numpy_twin(graph_mode):
     assert int(update.adam_step.asnumpy()) == 3
 
 
+def lamb_update(params, error_feedback=False):
+    comm = CommConfig(scheme="sharded", gradient_bits=3, bucket_size=BUCKET, error_feedback=error_feedback)
+    return ShardedLowBitUpdate(params, comm, 1, 0, learning_rate=0.01, optimizer="lamb", beta1=0.9, beta2=0.98,
+                               eps=1e-6, weight_decay=0.1, decay_flags=decay_mask(params))
+
+
+def rank_state(update):
+    """Every Parameter of the rank's own state (what the Trainer writes to step-*.rank<r>.safetensors), copied."""
+    return {name: param.asnumpy().copy() for cell in update.rank_state_cells()
+            for name, param in cell.parameters_and_names()}
+
+
+@pytest.mark.parametrize("error_feedback", [False, True], ids=["plain", "error_feedback"])
+def test_owner_lamb_resumes_bit_for_bit_from_its_rank_state(graph_mode, error_feedback):
+    """LAMB on the shard carries nothing beyond its rank state (master, moments, counters, noise counter,
+    residual): 2 updates, the state and model weights restored into a FRESH update cell over fresh Parameters, 2
+    more updates == 4 uninterrupted updates, bit for bit (weights and every state tensor)."""
+    rng = np.random.default_rng(9)
+    values = [rng.normal(size=shape).astype(np.float32) for _, shape in TENSORS]
+    grads = [[rng.standard_t(3, size=shape).astype(np.float32) for _, shape in TENSORS] for _ in range(4)]
+
+    def fresh(weights):
+        params = [Parameter(Tensor(value.copy()), name=name) for (name, _), value in zip(TENSORS, weights)]
+        return params, lamb_update(params, error_feedback)
+
+    def run(update, calls):
+        for call in calls:
+            update(ms.mutable(tuple(Tensor(g) for g in grads[call])))
+
+    set_dropout_seed(0, 0)
+    params, straight = fresh(values)
+    run(straight, range(4))
+    expected_weights, expected_state = [p.asnumpy().copy() for p in params], rank_state(straight)
+
+    set_dropout_seed(0, 0)
+    first_params, first = fresh(values)
+    run(first, range(2))
+    saved_weights, saved_state = [p.asnumpy().copy() for p in first_params], rank_state(first)
+    assert not np.array_equal(saved_weights[0], values[0])  # it moved
+    if error_feedback:
+        assert np.abs(saved_state["residual"]).max() > 0
+
+    set_dropout_seed(0, 0)
+    resumed_params, resumed = fresh(saved_weights)
+    state = {name: param for cell in resumed.rank_state_cells() for name, param in cell.parameters_and_names()}
+    assert state.keys() == saved_state.keys()
+    for name, value in saved_state.items():
+        state[name].set_data(Tensor(value))
+    assert resumed.updates_done() == 2
+    run(resumed, range(2, 4))
+    for name, got, want in zip([n for n, _ in TENSORS], resumed_params, expected_weights):
+        np.testing.assert_array_equal(got.asnumpy(), want, err_msg=name)
+    final = rank_state(resumed)
+    for name, value in expected_state.items():
+        np.testing.assert_array_equal(final[name], value, err_msg=name)
+
+
 class PartialSums(nn.Cell):
     def __init__(self, trust):
         super().__init__()
