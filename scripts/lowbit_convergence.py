@@ -8,7 +8,7 @@ per update: the loss curve) and results.json (dev accuracy of the final weights,
 model); this script collects them into OUT/summary.json, OUT/summary.md and OUT/loss_curves.png.
 
     python scripts/lowbit_convergence.py OUT [--train-limit 1920] [--eval-limit 500] [--batch-size 16]
-        [--max-length 48] [--train-top-layers 2] [--learning-rate 2e-4]
+        [--max-length 48] [--train-top-layers 2] [--learning-rate 2e-4] [--seed N]
         [--variants fp32,b2,b2_ef,b2_noclip,b8,b4,b3,b3_noclip,s3,s3_w8,s2_w2] [--root CHECKOUT] [--plot-only]
 
 A variant whose results.json exists is not run again (rerun after an interruption to finish the rest). `--root`
@@ -60,7 +60,7 @@ def run_variant(root: Path, out: Path, name: str, args, port: int) -> dict:
                  "data.batch_size": args.batch_size, "data.max_length": args.max_length,
                  "runtime.cpu_threads": 1, "train.log_every": 1, "train.eval_every": 0, "train.save_every": 0,
                  "train.learning_rate": args.learning_rate, "comm.warmup_steps": 0, "parallel.world_size": 2,
-                 **VARIANTS[name][1]}
+                 **({"runtime.seed": args.seed} if args.seed is not None else {}), **VARIANTS[name][1]}
     bin_dir = Path(sys.executable).parent
     command = [str(bin_dir / "msrun"), "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
                f"--master_port={port}", f"--log_dir={target / 'msrun_logs'}", "--join=True",
@@ -176,6 +176,9 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--root", type=Path, default=REPO)
     parser.add_argument("--port", type=int, default=8611)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="runtime.seed (the config's 42 if unset): the training and evaluation subsets, the "
+                             "classifier's initialisation, dropout and rounding noise all follow it")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     names = [name.strip() for name in args.variants.split(",") if name.strip()]

@@ -29,7 +29,8 @@ from mindspore import Parameter, Tensor, nn, no_inline, ops
 from ms_nlp_compress.compress.quant import primitives
 from ms_nlp_compress.compress.quant.config import QuantConfig, WeightQuantConfig
 from ms_nlp_compress.compress.quant.packing import pack_rows, storage_bits, unpack_rows, unpack_rows_graph
-from ms_nlp_compress.compress.quant.prepare import FakeQuantDense, FakeQuantEmbedding, _parent, dense_group
+from ms_nlp_compress.compress.quant.prepare import (FakeQuantDense, FakeQuantEmbedding, _parent, check_not_compiled,
+                                                     dense_group)
 from ms_nlp_compress.compress.quant.ste import straight_through
 from ms_nlp_compress.errors import CheckpointError, ConfigError
 from ms_nlp_compress.models.checkpoint import cell_weights, load_weights, register_architecture
@@ -579,22 +580,11 @@ def convert(prepared: nn.Cell, config: Optional[QuantConfig] = None) -> nn.Cell:
     return deployed
 
 
-def _check_not_compiled(model: nn.Cell, what: str) -> None:
-    """In-place rewrites must come before the first graph-mode call: MindSpore keeps running the graph it compiled
-    for a Cell (keyed by the Cell object, not by its children), so swapping cells afterwards changes nothing
-    silently (measured: a decoded model kept computing its activation quantizers)."""
-    for name, cell in model.cells_and_names():
-        if cell.compile_cache:
-            raise ConfigError(f"{what}: {type(model).__name__}{' cell ' + name if name else ''} already ran in graph "
-                              "mode, and MindSpore would keep running the graph it compiled then; call it on a "
-                              "freshly loaded model (load_model_dir) before running it")
-
-
 def share_graph_functions(model: nn.Cell) -> nn.Cell:
     """Switch a converted model's Packed cells and activation points to shared `no_inline` graph functions (in
     place): same values, a much smaller exported graph (see `_GRAPH_FUNCTIONS` above for the GraphCell caveat).
-    Before the model's first graph-mode call (`_check_not_compiled`)."""
-    _check_not_compiled(model, "share_graph_functions")
+    Before the model's first graph-mode call (`prepare.check_not_compiled`)."""
+    check_not_compiled(model, "share_graph_functions")
     shared = 0
     for _, cell in model.cells_and_names():
         if isinstance(cell, (PackedDense, PackedEmbedding, ActivationQuant)):
@@ -613,8 +603,8 @@ def decode(model: nn.Cell, activations: bool = True) -> nn.Cell:
     fp32 on CPU, README "Latency"). activations=False removes them too: weight-only quantized serving, the fp32 graph
     at fp32 speed over the decoded weights, whose outputs are NOT those of the quantized model (its accuracy is
     measured separately: `scripts/quant_eval_teacher.py --weight-only`). Call it before the model's first graph-mode
-    call (`_check_not_compiled`)."""
-    _check_not_compiled(model, "decode")
+    call (`prepare.check_not_compiled`)."""
+    check_not_compiled(model, "decode")
     for name, cell in _quant_cells_by_name(model, (PackedDense, PackedEmbedding)).items():
         replacement = DecodedDense(cell) if isinstance(cell, PackedDense) else DecodedEmbedding(cell)
         parent, attribute = _parent(model, name)

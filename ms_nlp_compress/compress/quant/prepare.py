@@ -207,6 +207,18 @@ def _parent(root: nn.Cell, dotted: str) -> Tuple[nn.Cell, str]:
     return parent, attribute
 
 
+def check_not_compiled(model: nn.Cell, what: str) -> None:
+    """Every in-place rewrite here (prepare; convert.decode and share_graph_functions) must come before the model's
+    first graph-mode call: MindSpore keeps running the graph it compiled
+    for a Cell (keyed by the Cell object, not by its children), so swapping cells afterwards changes nothing
+    silently (measured: a decoded model kept computing its activation quantizers)."""
+    for name, cell in model.cells_and_names():
+        if cell.compile_cache:
+            raise ConfigError(f"{what}: {type(model).__name__}{' cell ' + name if name else ''} already ran in graph "
+                              "mode, and MindSpore would keep running the graph it compiled then; call it on a "
+                              "freshly loaded model (load_model_dir) before running it")
+
+
 def _check_not_prepared(model: nn.Cell) -> None:
     for name, cell in model.cells_and_names():
         if isinstance(cell, (FakeQuantDense, FakeQuantEmbedding, TiedTableQuant)):
@@ -220,6 +232,7 @@ def prepare(model: nn.Cell, config: QuantConfig) -> nn.Cell:
     """
     config.validate()
     _check_not_prepared(model)
+    check_not_compiled(model, "quant.prepare")
     fp32_dtypes = {ms.float32}
     replacements: List[Tuple[str, nn.Cell]] = []
     word_embedding: Optional[FakeQuantEmbedding] = None

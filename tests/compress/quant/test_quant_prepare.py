@@ -55,9 +55,9 @@ def run(model, arrays):
 
 def test_names_unchanged_and_fp_preset_reproduces_float_model_exactly(execution_mode):
     config = tiny()
-    model = classifier(config)
     arrays = batch()
-    reference = [t.asnumpy() for t in (run(model, arrays)[0],)]
+    reference = [run(classifier(config), arrays)[0].asnumpy()]  # a twin: prepare refuses a model that already ran
+    model = classifier(config)
     names = [(name, param.name) for name, param in model.parameters_and_names()]
     prepare(model, QuantConfig.preset("fp"))
     kinds = {type(cell) for _, cell in model.cells_and_names()}
@@ -212,6 +212,20 @@ def test_gradients_reach_every_weight_of_a_prepared_model_in_graph_mode(graph_mo
         if "token_type" in param.name or "rng_counter" in param.name:
             continue
         assert np.abs(grad.asnumpy()).max() > 0, param.name
+
+
+def test_prepare_refuses_a_model_that_already_ran_in_graph_mode(graph_mode):
+    """MindSpore keeps running the graph it compiled for a Cell after its children are swapped: a 2-2-8 prepare of a
+    model that already ran would silently keep computing the float model. prepare says so instead, naming itself."""
+    config = tiny()
+    arrays = batch()
+    ran = classifier(config)
+    float_out = run(ran, arrays)[0].asnumpy()
+    with pytest.raises(ConfigError, match=r"quant\.prepare: NezhaForSequenceClassification already ran in graph mode"):
+        prepare(ran, QuantConfig.preset("2-2-8"))
+    assert not any(isinstance(c, FakeQuantDense) for _, c in ran.cells_and_names())  # refused before any swap
+    fresh = prepare(classifier(config), QuantConfig.preset("2-2-8"))
+    assert np.abs(run(fresh, arrays)[0].asnumpy() - float_out).max() > 1e-3  # what the swap really changes
 
 
 def test_config_errors_name_the_key():
