@@ -9,7 +9,8 @@ model); this script collects them into OUT/summary.json, OUT/summary.md and OUT/
 
     python scripts/lowbit_convergence.py OUT [--train-limit 1920] [--eval-limit 500] [--batch-size 16]
         [--max-length 48] [--train-top-layers 2] [--learning-rate 2e-4] [--seed N]
-        [--variants fp32,b2,b2_ef,b2_noclip,b8,b4,b3,b3_noclip,s3,s3_w8,s2_w2] [--root CHECKOUT] [--plot-only]
+        [--seeds OUT_SEED1 OUT_SEED2 ...]   (the fp32-vs-variant table over seeds, nothing run)
+        [--variants fp32,b2,b2_ef,b2_noclip,b8,b4,b3,b3_ef,b3_noclip,s3,s3_ef,s3_w8,s2_w2] [--root CHECKOUT] [--plot-only]
 
 A variant whose results.json exists is not run again (rerun after an interruption to finish the rest). `--root`
 launches another checkout (e.g. a `git archive` snapshot, so edits made while the study runs cannot reach it).
@@ -38,6 +39,8 @@ VARIANTS = {
     "b2_noclip": ("2-bit, no clip", {"comm.scheme": "allgather", "comm.gradient_bits": 2,
                                      "comm.clip_factor": "null"}),
     "b2_clip2": ("2-bit, clip 2", {"comm.scheme": "allgather", "comm.gradient_bits": 2, "comm.clip_factor": 2.0}),
+    "b3_ef": ("3-bit, clip 3, error feedback", {"comm.scheme": "allgather", "comm.gradient_bits": 3,
+                                                "comm.error_feedback": "true"}),
     "b3_noclip": ("3-bit, no clip", {"comm.scheme": "allgather", "comm.gradient_bits": 3,
                                      "comm.clip_factor": "null"}),
     # scheme 2: the owner updates its fp32 master shard; scales per bucket of 1024 (the scheme needs buckets)
@@ -45,6 +48,8 @@ VARIANTS = {
                                                     "comm.bucket_size": 1024}),
     "s3_w8": ("sharded, 3-bit, clip 3, 8-bit weights", {"comm.scheme": "sharded", "comm.gradient_bits": 3,
                                                         "comm.bucket_size": 1024, "comm.weight_bits": 8}),
+    "s3_ef": ("sharded, 3-bit, clip 3, error feedback, fp32 weights", {
+        "comm.scheme": "sharded", "comm.gradient_bits": 3, "comm.bucket_size": 1024, "comm.error_feedback": "true"}),
     "s2_w2": ("sharded, 2-bit, clip 3, TWN weights", {"comm.scheme": "sharded", "comm.gradient_bits": 2,
                                                       "comm.bucket_size": 1024, "comm.weight_bits": 2}),
 }
@@ -135,15 +140,18 @@ def report(out: Path, rows: list, args) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, axes = plt.subplots(1, 2, figsize=(14, 5.5))
     window = 5  # moving average over updates: one update's loss on 32 sentences is noisy
-    for row in rows:
+    colours = plt.get_cmap("tab20").colors  # more variants than the default cycle's 10 colours
+    for index, row in enumerate(rows):
         loss = np.asarray(row["loss"], dtype=np.float64)
+        style = {"label": row["label"], "color": colours[(2 * index) % 20 + (index // 10) % 2],
+                 "linestyle": "--" if row["name"].startswith("s") else "-"}  # the sharded scheme dashed
         if loss.size >= window:
             smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-            axes[0].plot(row["updates"][window - 1:], smooth, label=row["label"])
+            axes[0].plot(row["updates"][window - 1:], smooth, **style)
         else:
-            axes[0].plot(row["updates"], loss, label=row["label"])
+            axes[0].plot(row["updates"], loss, **style)
     axes[0].set_xlabel("update")
     axes[0].set_ylabel(f"training loss (moving average of {window})")
     axes[0].set_title(f"MiniLM (top {args.train_top_layers} layers trained) on VADER SST-2, 2 ranks")
@@ -152,7 +160,7 @@ def report(out: Path, rows: list, args) -> None:
     positions = np.arange(len(scored))
     axes[1].bar(positions - 0.2, [r["final_dev_accuracy"] for r in scored], 0.4, label="final dev")
     axes[1].bar(positions + 0.2, [r["test_accuracy"] for r in scored], 0.4, label="test (best dev)")
-    axes[1].set_xticks(positions, [r["label"].replace(", ", "\n") for r in scored], fontsize=7)
+    axes[1].set_xticks(positions, [r["label"] for r in scored], fontsize=7, rotation=35, ha="right")
     low = min([r["final_dev_accuracy"] for r in scored] + [r["test_accuracy"] for r in scored] + [1.0])
     axes[1].set_ylim(max(0.0, low - 0.05), 1.0)
     axes[1].set_ylabel("accuracy")
@@ -162,6 +170,32 @@ def report(out: Path, rows: list, args) -> None:
     figure.tight_layout()
     figure.savefig(out / "loss_curves.png", dpi=110)
     print(f"wrote {out / 'loss_curves.png'}, {out / 'summary.md'}")
+
+
+def seed_table(outs) -> str:
+    """fp32 vs each low-bit variant over several seeds (one study directory per seed): every accuracy, the paired
+    differences to the same seed's fp32 run, and their means. Only seeds where fp32 and the variant both finished."""
+    runs = {}  # variant -> seed directory -> (dev, test)
+    for out in outs:
+        for results in sorted(Path(out).glob("*/results.json")):
+            data = json.loads(results.read_text())
+            runs.setdefault(results.parent.name, {})[str(out)] = (data["dev"]["acc"], data["test"]["acc"])
+    fp32 = runs.get("fp32", {})
+    lines = ["| gradients | seeds | dev per seed | test per seed | dev - fp32 per seed (points) | test - fp32 per seed "
+             "(points) | mean dev / test - fp32 |", "|---|---|---|---|---|---|---|"]
+    for name in [name for name in VARIANTS if name in runs]:
+        seeds = [out for out in map(str, outs) if out in runs[name] and out in fp32]
+        if not seeds:
+            continue
+        dev = [runs[name][seed][0] for seed in seeds]
+        test = [runs[name][seed][1] for seed in seeds]
+        d_dev = [100 * (runs[name][seed][0] - fp32[seed][0]) for seed in seeds]
+        d_test = [100 * (runs[name][seed][1] - fp32[seed][1]) for seed in seeds]
+        lines.append(f"| {VARIANTS[name][0]} | {len(seeds)} | {' '.join(f'{v:.3f}' for v in dev)} | "
+                     f"{' '.join(f'{v:.3f}' for v in test)} | {' '.join(f'{v:+.1f}' for v in d_dev)} | "
+                     f"{' '.join(f'{v:+.1f}' for v in d_test)} | {sum(d_dev) / len(seeds):+.2f} / "
+                     f"{sum(d_test) / len(seeds):+.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -180,11 +214,17 @@ def main() -> int:
                         help="runtime.seed (the config's 42 if unset): the training and evaluation subsets, the "
                              "classifier's initialisation, dropout and rounding noise all follow it")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--seeds", type=Path, nargs="+", default=None, metavar="OUT",
+                        help="print the paired fp32-vs-variant table over these study directories (one per seed; "
+                             "the positional OUT first) and exit")
     args = parser.parse_args()
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if args.seeds:
+        print(seed_table([args.out] + list(args.seeds)))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     if not args.plot_only:
