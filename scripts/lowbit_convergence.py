@@ -10,7 +10,7 @@ model); this script collects them into OUT/summary.json, OUT/summary.md and OUT/
     python scripts/lowbit_convergence.py OUT [--train-limit 1920] [--eval-limit 500] [--batch-size 16]
         [--max-length 48] [--train-top-layers 2] [--learning-rate 2e-4] [--seed N]
         [--seeds OUT_SEED1 OUT_SEED2 ...]   (the fp32-vs-variant table over seeds, nothing run)
-        [--variants fp32,b2,b2_ef,b2_noclip,b8,b4,b3,b3_ef,b3_bucket,b3_noclip,s3,s3_ef,s3_w8,s2_w2] [--root CHECKOUT] [--plot-only]
+        [--variants fp32,b2,b2_ef,b2_noclip,b8,b4,b3,b3_ef,b3_bucket,b3_clip2.5,b3_noclip,s3,s3_ef,s3_w8,s2_w2] [--root CHECKOUT] [--plot-only]
 
 A variant whose results.json exists is not run again (rerun after an interruption to finish the rest). `--root`
 launches another checkout (e.g. a `git archive` snapshot, so edits made while the study runs cannot reach it).
@@ -43,6 +43,7 @@ VARIANTS = {
                                                 "comm.error_feedback": "true"}),
     "b3_bucket": ("3-bit, clip 3, buckets of 1024", {"comm.scheme": "allgather", "comm.gradient_bits": 3,
                                                      "comm.bucket_size": 1024}),
+    "b3_clip2.5": ("3-bit, clip 2.5", {"comm.scheme": "allgather", "comm.gradient_bits": 3, "comm.clip_factor": 2.5}),
     "b3_noclip": ("3-bit, no clip", {"comm.scheme": "allgather", "comm.gradient_bits": 3,
                                      "comm.clip_factor": "null"}),
     # scheme 2: the owner updates its fp32 master shard; scales per bucket of 1024 (the scheme needs buckets)
