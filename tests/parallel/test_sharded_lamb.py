@@ -26,6 +26,7 @@ from ms_nlp_compress.models.dropout import set_dropout_seed
 from ms_nlp_compress.parallel.comm_config import CommConfig
 from ms_nlp_compress.parallel.lowbit import GRADIENT_NOISE_SITE
 from ms_nlp_compress.parallel.sharded import ShardedLowBitUpdate, ShardTrustRatio
+from ms_nlp_compress.train.checkpoints import load_rank_state, named_state, save_rank_state
 from ms_nlp_compress.train.optim import decay_mask
 
 # 35 + 13 + 72 + 1 + 6 = 127 entries -> 2 buckets of 64, one padding entry
@@ -125,17 +126,12 @@ def lamb_update(params, error_feedback=False):
                                eps=1e-6, weight_decay=0.1, decay_flags=decay_mask(params))
 
 
-def rank_state(update):
-    """Every Parameter of the rank's own state (what the Trainer writes to step-*.rank<r>.safetensors), copied."""
-    return {name: param.asnumpy().copy() for cell in update.rank_state_cells()
-            for name, param in cell.parameters_and_names()}
-
-
 @pytest.mark.parametrize("error_feedback", [False, True], ids=["plain", "error_feedback"])
-def test_owner_lamb_resumes_bit_for_bit_from_its_rank_state(graph_mode, error_feedback):
+def test_owner_lamb_resumes_bit_for_bit_from_its_rank_state(graph_mode, error_feedback, tmp_path):
     """LAMB on the shard carries nothing beyond its rank state (master, moments, counters, noise counter,
-    residual): 2 updates, the state and model weights restored into a FRESH update cell over fresh Parameters, 2
-    more updates == 4 uninterrupted updates, bit for bit (weights and every state tensor)."""
+    residual): 2 updates, the rank file written and read back by the Trainer's own save_rank_state /
+    load_rank_state into a FRESH update cell over fresh Parameters (model weights copied), 2 more updates == 4
+    uninterrupted updates, bit for bit (weights and every state tensor)."""
     rng = np.random.default_rng(9)
     values = [rng.normal(size=shape).astype(np.float32) for _, shape in TENSORS]
     grads = [[rng.standard_t(3, size=shape).astype(np.float32) for _, shape in TENSORS] for _ in range(4)]
@@ -151,27 +147,26 @@ def test_owner_lamb_resumes_bit_for_bit_from_its_rank_state(graph_mode, error_fe
     set_dropout_seed(0, 0)
     params, straight = fresh(values)
     run(straight, range(4))
-    expected_weights, expected_state = [p.asnumpy().copy() for p in params], rank_state(straight)
+    expected_weights, expected_state = [p.asnumpy().copy() for p in params], named_state(straight.rank_state_cells())
 
     set_dropout_seed(0, 0)
     first_params, first = fresh(values)
     run(first, range(2))
-    saved_weights, saved_state = [p.asnumpy().copy() for p in first_params], rank_state(first)
+    saved_weights = [p.asnumpy().copy() for p in first_params]
     assert not np.array_equal(saved_weights[0], values[0])  # it moved
     if error_feedback:
-        assert np.abs(saved_state["residual"]).max() > 0
+        assert np.abs(named_state(first.rank_state_cells())["residual"]).max() > 0
+    save_rank_state(tmp_path, "step-0000002", 0, 1, first.rank_state_cells())
 
     set_dropout_seed(0, 0)
     resumed_params, resumed = fresh(saved_weights)
-    state = {name: param for cell in resumed.rank_state_cells() for name, param in cell.parameters_and_names()}
-    assert state.keys() == saved_state.keys()
-    for name, value in saved_state.items():
-        state[name].set_data(Tensor(value))
+    load_rank_state(tmp_path / "step-0000002", 0, 1, resumed.rank_state_cells())
     assert resumed.updates_done() == 2
     run(resumed, range(2, 4))
     for name, got, want in zip([n for n, _ in TENSORS], resumed_params, expected_weights):
         np.testing.assert_array_equal(got.asnumpy(), want, err_msg=name)
-    final = rank_state(resumed)
+    final = named_state(resumed.rank_state_cells())
+    assert final.keys() == expected_state.keys()
     for name, value in expected_state.items():
         np.testing.assert_array_equal(final[name], value, err_msg=name)
 
