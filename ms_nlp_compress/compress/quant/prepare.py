@@ -209,9 +209,9 @@ def _parent(root: nn.Cell, dotted: str) -> Tuple[nn.Cell, str]:
 
 def check_not_compiled(model: nn.Cell, what: str) -> None:
     """Every in-place rewrite here (prepare; convert.decode and share_graph_functions) must come before the model's
-    first graph-mode call: MindSpore keeps running the graph it compiled
-    for a Cell (keyed by the Cell object, not by its children), so swapping cells afterwards changes nothing
-    silently (measured: a decoded model kept computing its activation quantizers)."""
+    first graph-mode call: MindSpore keeps running the graph it compiled for a Cell (keyed by the Cell object, not
+    by its children), so swapping cells afterwards changes nothing, silently (measured: a decoded model kept
+    computing its activation quantizers)."""
     for name, cell in model.cells_and_names():
         if cell.compile_cache:
             raise ConfigError(f"{what}: {type(model).__name__}{' cell ' + name if name else ''} already ran in graph "
